@@ -1,0 +1,39 @@
+# `make test` and `make demo` each create .venv (if missing) and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/mnist
+# 8 fake CPU devices so sharding code paths run on a laptop.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: install test test-fast lint format demo clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Everything, slow end-to-end tests included (what CI runs).
+test: lint
+	$(PY) -m pytest -q -n 2 --durations=15
+
+# The quick loop: skip tests marked slow.
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+demo: install
+	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

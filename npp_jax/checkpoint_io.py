@@ -1,0 +1,68 @@
+"""Params-only checkpoints: the orbax directory that `npp_jax.convert` writes and trainers read.
+
+Layout of DIR: `params/` (an orbax StandardCheckpointer tree) and `model_config.json`
+(the GPTConfig fields, so a sampler can rebuild the model without being told its size).
+"""
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from npp_jax.models.gpt import abstract_params
+from npp_jax.models.gpt_config import GPTConfig
+
+CONFIG_FILE = "model_config.json"
+
+
+def save_params(directory: str, params: Any, cfg: GPTConfig, *, force: bool = False) -> str:
+  """Writes `params` and `cfg` to `directory`; refuses to overwrite unless `force`."""
+  directory = os.path.abspath(directory)
+  target = os.path.join(directory, "params")
+  if os.path.exists(target):
+    if not force:
+      raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it.")
+    shutil.rmtree(target)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, jax.tree.map(np.asarray, params))
+    ckptr.wait_until_finished()
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=1)
+  return directory
+
+
+def load_model_config(directory: str) -> GPTConfig:
+  """The GPTConfig stored next to converted params."""
+  path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"{path} not found: {directory} is not a directory written by `python -m npp_jax.convert`."
+    )
+  with open(path) as f:
+    return GPTConfig(**json.load(f))
+
+
+def load_params(directory: str, cfg: GPTConfig | None = None) -> Any:
+  """Restores params written by `save_params` as numpy arrays, checked against `cfg`."""
+  directory = os.path.abspath(directory)
+  target = os.path.join(directory, "params")
+  if not os.path.isdir(target):
+    raise FileNotFoundError(f"no params checkpoint at {target}.")
+  stored = load_model_config(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(target)
+  if cfg is not None:
+    want = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_params(cfg)))
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if want != got:
+      raise ValueError(
+        f"the params in {directory} were converted for {stored} and do not fit the requested "
+        f"model {cfg}; use the model size they were converted for."
+      )
+  return params

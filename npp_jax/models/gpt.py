@@ -1,0 +1,333 @@
+"""The LlamaGen class-conditional GPT in Flax Linen, with NPP patch inputs and a KV cache.
+
+Layers are stacked with `nn.scan` (one compiled block whatever the depth), so every
+per-layer parameter has a leading "layers" axis. The residual stream stays float32;
+matmuls run in `cfg.dtype` (bf16 by default) as under PyTorch autocast in the reference.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npp_jax import npp
+from npp_jax.models.gpt_config import PRESETS, GPTConfig, find_multiple
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "find_multiple", "init_cache", "validate_inputs"]
+
+Array = jnp.ndarray
+
+
+def _param(module: nn.Module, name: str, init, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def validate_inputs(cfg: GPTConfig, tokens: Any, labels: Any, allow_null_class: bool) -> None:
+  """Checks shapes and id ranges of concrete inputs; a clear ValueError names the bad value."""
+  if tokens is not None and _is_concrete(tokens):
+    t = np.asarray(tokens)
+    if t.ndim != 2:
+      raise ValueError(f"tokens must be (batch, tokens), got shape {t.shape}.")
+    if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+      bad = t[(t < 0) | (t >= cfg.vocab_size)][0]
+      raise ValueError(
+        f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size}): the codes do not "
+        f"come from this model's tokenizer (vocab_size={cfg.vocab_size})."
+      )
+  if labels is not None and _is_concrete(labels):
+    y = np.asarray(labels)
+    if y.ndim != 1:
+      raise ValueError(f"labels must be (batch,), got shape {y.shape}.")
+    top = cfg.num_classes + (1 if allow_null_class and cfg.has_null_class else 0)
+    if y.size and (y.min() < 0 or y.max() >= top):
+      bad = int(y[(y < 0) | (y >= top)][0])
+      hint = (
+        f" ({cfg.num_classes} is the null class, accepted only for guidance)"
+        if bad == cfg.num_classes and cfg.has_null_class
+        else ""
+      )
+      raise ValueError(f"class label {bad} is outside [0, {top}){hint}.")
+  if tokens is not None and labels is not None and np.shape(tokens)[0] != np.shape(labels)[0]:
+    raise ValueError(
+      f"tokens have batch {np.shape(tokens)[0]} but labels have {np.shape(labels)[0]}."
+    )
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, rounded to the input dtype, times the weight."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = _param(
+      self, "weight", nn.initializers.ones, (self.cfg.dim,), ("norm",), self.cfg.storage_dtype
+    )
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed.astype(x.dtype).astype(jnp.float32) * w.astype(jnp.float32)).astype(
+      self.cfg.compute_dtype
+    )
+
+
+def apply_rope(x: Array, rope: Array) -> Array:
+  """Rotates adjacent pairs (x[2i], x[2i+1]); x (B, T, H, D), rope (T, D/2, 2). Float32 math."""
+  b, t, h, d = x.shape
+  xs = x.astype(jnp.float32).reshape(b, t, h, d // 2, 2)
+  cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+  out = jnp.stack(
+    [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], axis=-1
+  )
+  return out.reshape(b, t, h, d).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head (or grouped-query) causal self-attention with 2D RoPE and an optional KV cache."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, rope, deterministic, cache=None, cache_index=None):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    init = nn.initializers.normal(0.02)
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+    wq = _param(
+      self, "wq", init, (cfg.dim, nh, hd), ("embed", "heads", "head_dim"), cfg.storage_dtype
+    )
+    wk = _param(
+      self, "wk", init, (cfg.dim, nkv, hd), ("embed", "kv_heads", "head_dim"), cfg.storage_dtype
+    )
+    wv = _param(
+      self, "wv", init, (cfg.dim, nkv, hd), ("embed", "kv_heads", "head_dim"), cfg.storage_dtype
+    )
+    wo = _param(
+      self, "wo", init, (nh, hd, cfg.dim), ("heads", "head_dim", "embed"), cfg.storage_dtype
+    )
+    x = x.astype(dt)
+    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), rope)
+    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), rope)
+    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+
+    b, t = x.shape[:2]
+    if cache is None:
+      keys, values = k, v
+      q_pos = jnp.arange(t)
+      k_pos = jnp.arange(t)
+      new_cache = None
+    else:
+      keys = jax.lax.dynamic_update_slice(
+        cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0)
+      )
+      values = jax.lax.dynamic_update_slice(
+        cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0)
+      )
+      new_cache = {"k": keys, "v": values}
+      q_pos = cache_index + jnp.arange(t)
+      k_pos = jnp.arange(keys.shape[1])
+      keys, values = keys.astype(dt), values.astype(dt)
+
+    # Grouped-query attention without copying K/V: query head h uses kv head h // group.
+    group = nh // nkv
+    qg = q.reshape(b, t, nkv, group, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys).astype(jnp.float32) / np.sqrt(hd)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if cfg.attn_dropout_p > 0:
+      probs = nn.Dropout(cfg.attn_dropout_p)(probs, deterministic=deterministic)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), values).reshape(b, t, nh, hd)
+    out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    out = nn.Dropout(cfg.resid_dropout_p)(out, deterministic=deterministic)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x), then FFN dropout."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    init = nn.initializers.normal(0.02)
+    w1 = _param(self, "w1", init, (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), cfg.storage_dtype)
+    w3 = _param(self, "w3", init, (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), cfg.storage_dtype)
+    w2 = _param(self, "w2", init, (cfg.ffn_hidden, cfg.dim), ("mlp", "embed"), cfg.storage_dtype)
+    x = x.astype(dt)
+    h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+    out = h @ w2.astype(dt)
+    return nn.Dropout(cfg.ffn_dropout_p)(out, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with stochastic depth; the scan body (carry = residual)."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x, drop_rate, rope, cache, cache_index, deterministic):
+    cfg = self.cfg
+    attn, new_cache = Attention(cfg, name="attention")(
+      RMSNorm(cfg, name="attention_norm")(x), rope, deterministic, cache, cache_index
+    )
+    h = x + self._drop_path(attn, drop_rate, deterministic)
+    ffn = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg, name="ffn_norm")(h), deterministic)
+    return h + self._drop_path(ffn, drop_rate, deterministic), new_cache
+
+  def _drop_path(self, x, rate, deterministic):
+    if deterministic or self.cfg.drop_path_rate == 0:
+      return x.astype(jnp.float32)
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1))
+    return jnp.where(mask, x.astype(jnp.float32) / keep, 0.0)
+
+
+def _remat(cls, policy: str):
+  if policy == "none":
+    return cls
+  pol = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(cls, policy=pol, prevent_cse=False)
+
+
+def init_cache(cfg: GPTConfig, batch: int, max_len: int | None = None, dtype=None) -> dict:
+  """Zeroed KV cache for all layers: {"k", "v"} of (n_layer, B, max_len, kv_heads, head_dim).
+
+  `max_len` defaults to the class token plus all image tokens.
+  """
+  max_len = max_len or cfg.cls_token_num + cfg.seq_len
+  shape = (cfg.n_layer, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class GPT(nn.Module):
+  """LlamaGen class-conditional transformer.
+
+  Training / scoring: `apply({"params": p}, tokens, labels, patch_side=s)` returns
+  logits (B, (grid/s)^2, vocab) for input `[class] + patches[:-1]`, each patch the mean
+  of the token embeddings of an s x s block; position i predicts patch i.
+
+  Decoding: `apply(..., method=GPT.decode)` with an explicit cache from `init_cache`.
+  """
+
+  cfg: GPTConfig
+
+  def setup(self):
+    cfg = self.cfg
+    init = nn.initializers.normal(0.02)
+    self.tok_embeddings = _param(
+      self, "tok_embeddings", init, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg.storage_dtype
+    )
+    self.cls_embedding = _param(
+      self,
+      "cls_embedding",
+      init,
+      (cfg.class_rows, cfg.dim),
+      ("classes", "embed"),
+      cfg.storage_dtype,
+    )
+    self.norm = RMSNorm(cfg)
+    self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+    self.layers = nn.scan(
+      _remat(Block, cfg.remat),
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+      length=cfg.n_layer,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg)
+    self.output = _param(
+      self,
+      "output",
+      nn.initializers.zeros,
+      (cfg.dim, cfg.vocab_size),
+      ("embed", "vocab"),
+      cfg.storage_dtype,
+    )
+
+  def _trunk(self, h, rope, deterministic, cache=None, cache_index=None):
+    cfg = self.cfg
+    h = self.tok_dropout(h, deterministic=deterministic).astype(jnp.float32)
+    rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
+    h, new_cache = self.layers(h, rates, rope, cache, cache_index, deterministic)
+    h = self.norm(h)
+    logits = jnp.einsum("btd,dv->btv", h, self.output.astype(cfg.compute_dtype))
+    return logits.astype(jnp.float32), new_cache
+
+  def _class_embed(self, labels, deterministic):
+    cfg = self.cfg
+    if not deterministic and cfg.class_dropout_prob > 0:
+      drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < cfg.class_dropout_prob
+      labels = jnp.where(drop, cfg.num_classes, labels)
+    return jnp.take(self.cls_embedding, labels, axis=0)[:, None, :]
+
+  def __call__(
+    self,
+    tokens,
+    labels,
+    *,
+    patch_side: int = 1,
+    deterministic: bool = True,
+    allow_null_class: bool = False,
+  ):
+    cfg = self.cfg
+    npp.check_patch_side(cfg.grid, patch_side)
+    validate_inputs(cfg, tokens, labels, allow_null_class)
+    if tokens.shape[1] != cfg.seq_len:
+      raise ValueError(
+        f"tokens have {tokens.shape[1]} positions; this model expects grid*grid = {cfg.seq_len}."
+      )
+    emb = jnp.take(self.tok_embeddings, tokens, axis=0).astype(jnp.float32)
+    patches = npp.patch_average(emb, cfg.grid, patch_side)
+    h = jnp.concatenate([self._class_embed(labels, deterministic), patches[:, :-1]], axis=1)
+    rope = jnp.asarray(
+      npp.rope_2d(cfg.grid // patch_side, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    )[: h.shape[1]]
+    logits, _ = self._trunk(h, rope, deterministic)
+    return logits
+
+  def decode(self, tokens, labels, cache, cache_index, *, allow_null_class: bool = True):
+    """Runs `[class]` (when `labels` is given: prefill) or `tokens` through the KV cache.
+
+    Args:
+      tokens: (B, T) ids at positions cache_index.. (ignored when labels is given).
+      labels: (B,) class ids, or None for a token step.
+      cache: from `init_cache`.
+      cache_index: position of the first input in the sequence [class, tok_0, ...].
+      allow_null_class: accept the null class (guidance) in `labels`.
+
+    Returns:
+      (logits (B, T, vocab) float32, new cache).
+    """
+    cfg = self.cfg
+    if labels is not None:
+      validate_inputs(cfg, None, labels, allow_null_class)
+      h = self._class_embed(labels, True)
+    else:
+      validate_inputs(cfg, tokens, None, allow_null_class)
+      h = jnp.take(self.tok_embeddings, tokens, axis=0)
+    table = jnp.asarray(npp.rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num))
+    rope = jax.lax.dynamic_slice_in_dim(table, cache_index, h.shape[1], axis=0)
+    return self._trunk(h.astype(jnp.float32), rope, True, cache, cache_index)
+
+
+@functools.cache
+def abstract_params(cfg: GPTConfig):
+  """Boxed ShapeDtypeStructs of `GPT(cfg)`'s params (with logical axis names); no allocation."""
+  model = GPT(cfg)
+  tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens, labels)["params"]
+
+
+def param_count(cfg: GPTConfig) -> int:
+  """Number of parameters of `GPT(cfg)`, from shapes only (nothing is allocated)."""
+  leaves = jax.tree.leaves(nn.unbox(abstract_params(cfg)))
+  return int(sum(np.prod(x.shape) for x in leaves))

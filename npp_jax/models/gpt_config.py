@@ -1,0 +1,146 @@
+"""GPTConfig: the hyper-parameters of the LlamaGen class-conditional transformer, and presets."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# (n_layer, n_head, dim) of LlamaGen's class-conditional models (autoregressive/models/gpt.py).
+PRESETS: dict[str, dict[str, Any]] = {
+  "B": dict(n_layer=12, n_head=12, dim=768),
+  "L": dict(n_layer=24, n_head=16, dim=1024),
+  "XL": dict(n_layer=36, n_head=20, dim=1280),
+  "XXL": dict(n_layer=48, n_head=24, dim=1536),
+  "XXXL": dict(n_layer=48, n_head=40, dim=2560),
+  "3B": dict(n_layer=24, n_head=32, dim=3200),
+  # The golden-file model of the test-suite (vocab 64, 10 classes, 8x8 grid).
+  "tiny": dict(n_layer=2, n_head=4, dim=64, vocab_size=64, num_classes=10, grid=8),
+}
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def find_multiple(n: int, k: int) -> int:
+  """Smallest multiple of k that is >= n."""
+  return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """LlamaGen `ModelArgs` for class-conditional generation, plus compute settings.
+
+  Dropout defaults follow the reference training recipe; pass zeros for scoring.
+  `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of params.
+  """
+
+  dim: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_kv_head: int | None = None
+  vocab_size: int = 16384
+  num_classes: int = 1000
+  grid: int = 16
+  cls_token_num: int = 1
+  multiple_of: int = 256
+  ffn_dim_multiplier: float | None = None
+  norm_eps: float = 1e-5
+  rope_base: float = 10000.0
+  class_dropout_prob: float = 0.1
+  token_dropout_p: float = 0.1
+  resid_dropout_p: float = 0.1
+  ffn_dropout_p: float = 0.1
+  attn_dropout_p: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  # Rematerialise each block in the backward pass: "none", "full" or "dots" (save matmuls).
+  remat: str = "none"
+
+  def __post_init__(self):
+    problems = []
+    for name in (
+      "dim",
+      "n_layer",
+      "n_head",
+      "vocab_size",
+      "num_classes",
+      "grid",
+      "cls_token_num",
+      "multiple_of",
+    ):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        problems.append(f"{name}={getattr(self, name)!r} must be a positive int")
+    if not problems:
+      if self.dim % self.n_head:
+        problems.append(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+      elif self.head_dim % 4:
+        problems.append(f"head_dim={self.head_dim} (dim/n_head) must be divisible by 4 for 2D RoPE")
+      if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+        problems.append(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+      if self.cls_token_num != 1:
+        problems.append(f"cls_token_num={self.cls_token_num}: class-conditional models use 1")
+    for name in (
+      "class_dropout_prob",
+      "token_dropout_p",
+      "resid_dropout_p",
+      "ffn_dropout_p",
+      "attn_dropout_p",
+      "drop_path_rate",
+    ):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
+    if self.remat not in ("none", "full", "dots"):
+      problems.append(f"remat={self.remat!r} must be 'none', 'full' or 'dots'")
+    if problems:
+      raise ValueError("invalid GPTConfig: " + "; ".join(problems) + ".")
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+    """A named LlamaGen size (B, L, XL, XXL, XXXL, 3B, tiny) with optional overrides."""
+    key = name.upper().removeprefix("GPT-") if name.lower() != "tiny" else "tiny"
+    if key not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return cls(**{**PRESETS[key], **overrides})
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+  @property
+  def ffn_hidden(self) -> int:
+    hidden = int(2 * (4 * self.dim) / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return find_multiple(hidden, self.multiple_of)
+
+  @property
+  def seq_len(self) -> int:
+    """Image tokens per image (grid * grid)."""
+    return self.grid * self.grid
+
+  @property
+  def has_null_class(self) -> bool:
+    """Whether the class table has the extra null row used by classifier-free guidance."""
+    return self.class_dropout_prob > 0
+
+  @property
+  def class_rows(self) -> int:
+    return self.num_classes + int(self.has_null_class)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def storage_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

