@@ -21,6 +21,8 @@ import numpy as np
 
 from npp_jax.models.gpt_config import PRESETS, GPTConfig
 
+log = logging.getLogger(__name__)
+
 # Buffers the reference registers that are not parameters (RoPE tables, masks, caches).
 _IGNORED = re.compile(r"(^|\.)(freqs_cis|causal_mask|k_cache|v_cache)$")
 # Wrappers added by DDP, torch.compile and FSDP around parameter names.
@@ -101,7 +103,7 @@ def load_torch_checkpoint(path: str, key: str | None = None) -> dict[str, np.nda
         if "weights_only" not in str(e) and "Unsupported global" not in str(e):
           raise
         # Released training checkpoints may pickle argparse args next to the weights.
-        logging.warning(
+        log.warning(
           "%s holds pickled objects besides tensors; loading it with "
           "weights_only=False (only do this for files you trust).",
           path,

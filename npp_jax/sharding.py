@@ -1,0 +1,83 @@
+"""Device mesh and logical-axis rules.
+
+The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with
+parameters and optimizer state sharded) and `tensor` (model parallel over heads and
+the FFN). Batches are split over data x fsdp.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+
+# Logical parameter / activation axis -> mesh axes.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+  ("batch", ("data", "fsdp")),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("classes", None),
+  ("norm", None),
+  ("layers", None),
+)
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+  """Resolves a {data, fsdp, tensor} spec (one entry may be -1) against the device count."""
+  sizes = [int(spec.get(a, 1)) for a in AXES]
+  named = lambda: dict(zip(AXES, sizes, strict=True))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh {named()}: sizes must be positive, at most one -1.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+        f"mesh {named()} cannot be filled from {num_devices} devices: "
+        f"{num_devices} is not divisible by {known}."
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(
+      f"mesh {named()} has {int(np.prod(sizes))} devices but {num_devices} are "
+      "available; set one axis to -1 to fill the rest."
+    )
+  return tuple(sizes)
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh over all (or the given) devices with axes (data, fsdp, tensor)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(spec, len(devices))
+  try:
+    from jax.experimental import mesh_utils  # noqa: PLC0415
+
+    arr = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, AXES)
+
+
+def logical_sharding(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of boxed (logically partitioned) abstract values."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,352 @@
+"""The NPP trainer: mesh, sharded state, one compiled step per stage, checkpoints, metrics."""
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from npp_jax import checkpoint, checkpoint_io, config_lib, metrics, npp, sharding, train_step
+from npp_jax.data import mnist, pipeline
+from npp_jax.data.records import DatasetInfo
+from npp_jax.models.gpt import GPTConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The step-level schedule of a run, derived from the config and the dataset size."""
+
+  steps_per_epoch: int
+  patch_sides: tuple[int, ...]
+  stage_end_epochs: tuple[int, ...]
+  total_steps: int
+
+  @property
+  def stage_end_steps(self) -> tuple[int, ...]:
+    return tuple(e * self.steps_per_epoch for e in self.stage_end_epochs)
+
+  def stage(self, step: int) -> int:
+    return npp.stage_of_step(step, self.steps_per_epoch, self.stage_end_epochs)
+
+
+def dataset_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """The token dataset of the config; the embedded mnist one is built on first use."""
+  if c.data.name == "mnist":
+    return mnist.prepare(c.data.cache_dir or os.path.join(workdir, "data"))
+  if not c.data.path:
+    raise ValueError(
+      "config.data.path is empty: point it at a directory of token shards written by "
+      "`--config.mode=extract`, or train the embedded demo with configs/mnist.py."
+    )
+  return c.data.path
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo | None) -> Plan:
+  """Checks the config against the devices and the dataset before anything compiles."""
+  if c.mode not in config_lib.MODES:
+    raise ValueError(f"config.mode={c.mode!r}; choose one of {config_lib.MODES}.")
+  cfg = config_lib.gpt_config(c)
+  mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
+  dp = mesh_shape[0] * mesh_shape[1]
+  gb, k = c.train.global_batch_size, c.train.grad_accum_steps
+  if gb < 1 or gb % dp:
+    raise ValueError(
+      f"train.global_batch_size={gb} is not divisible by the {dp} data-parallel devices "
+      f"(mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); use a multiple of {dp}."
+    )
+  if k < 1 or (gb // dp) % k:
+    raise ValueError(
+      f"train.grad_accum_steps={k} must divide the per-device batch {gb // dp} "
+      f"(global {gb} over {dp} devices)."
+    )
+  sides = npp.patch_sides(c.train.patch_level)
+  for s in sides:
+    if cfg.grid % s:
+      raise ValueError(
+        f"train.patch_level={c.train.patch_level} needs patch side {s}, which does not divide "
+        f"the {cfg.grid}x{cfg.grid} token grid; lower train.patch_level."
+      )
+  ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
+  if not 0.0 <= c.train.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay={c.train.ema_decay} must be in [0, 1).")
+  if info is None:
+    return Plan(1, tuple(sides), tuple(ends), ends[-1])
+  for key, want in (
+    ("grid", cfg.grid),
+    ("vocab_size", cfg.vocab_size),
+    ("num_classes", cfg.num_classes),
+  ):
+    if getattr(info, key) != want:
+      raise ValueError(
+        f"the dataset has {key}={getattr(info, key)} but config.model.{key}={want}: set "
+        f"--config.model.{key}={getattr(info, key)} or use codes from the matching tokenizer."
+      )
+  spe = pipeline.steps_per_epoch(info.num_records, gb)
+  return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe)
+
+
+def _log_compile(patch_side: int, seconds: float, compiled: Any) -> dict:
+  entry = {"patch_side": patch_side, "compile_sec": round(seconds, 3)}
+  try:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      entry["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0))
+      entry["argument_bytes"] = int(getattr(mem, "argument_size_in_bytes", 0))
+  except Exception:  # noqa: BLE001 (not every backend reports memory)
+    pass
+  log.info(
+    "compiled the train step for patch side %d in %.1fs (%s)",
+    patch_side,
+    seconds,
+    {k: v for k, v in entry.items() if k.endswith("bytes")},
+  )
+  return entry
+
+
+class Trainer:
+  """Owns the mesh, the sharded state and the compiled step of each stage."""
+
+  def __init__(self, c: ml_collections.ConfigDict, workdir: str):
+    self.c, self.workdir = c, os.path.abspath(workdir)
+    self.cfg: GPTConfig = config_lib.gpt_config(c)
+    data_dir = dataset_dir(c, self.workdir)
+    self.info = DatasetInfo.load(data_dir)
+    self.plan = validate(c, jax.device_count(), self.info)
+    if c.train.max_steps > 0:
+      self.plan = dataclasses.replace(
+        self.plan, total_steps=min(self.plan.total_steps, c.train.max_steps)
+      )
+    self.mesh = sharding.make_mesh(c.mesh.to_dict())
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.schedule = npp.npp_lr_schedule(
+      c.optim.lr,
+      c.optim.end_lr,
+      self.plan.steps_per_epoch,
+      self.plan.stage_end_epochs,
+      c.optim.warmup_epochs,
+      c.optim.decay_ratio,
+    )
+    self.tx = train_step.make_optimizer(c.optim, self.schedule)
+    self.root_key = jax.random.key(c.seed)
+    self.compile_log: list[dict] = []
+    self._compiled: dict[int, Any] = {}
+
+    ds = pipeline.train_dataset(
+      data_dir,
+      vocab_size=self.cfg.vocab_size,
+      num_classes=self.cfg.num_classes,
+      grid=self.cfg.grid,
+      global_batch=c.train.global_batch_size,
+      steps_per_epoch=self.plan.steps_per_epoch,
+      num_steps=self.plan.total_steps,
+      seed=c.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    self.data_iter = pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size)
+
+    init = functools.partial(train_step.init_state, self.cfg, self.tx, ema=c.train.ema_decay > 0)
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
+    self.abstract_state = train_step.unboxed(boxed)
+    self._init = jax.jit(lambda k: train_step.unboxed(init(k)), out_shardings=self.state_sharding)
+
+  # -- state ------------------------------------------------------------------
+  def fresh_state(self) -> train_step.TrainState:
+    state = self._init(jax.random.fold_in(self.root_key, 1 << 30))
+    if self.c.train.init_from:
+      params = checkpoint_io.load_params(self.c.train.init_from, self.cfg)
+      params = jax.device_put(params, self.state_sharding.params)
+      ema = params if state.ema is not None else None
+      state = state.replace(params=params, opt_state=self.tx.init(params), ema=ema)
+      state = jax.device_put(state, self.state_sharding)
+      log.info("initialised params from %s", self.c.train.init_from)
+    return state
+
+  # -- compiled steps ---------------------------------------------------------
+  def step_fn(self, patch_side: int, state, batch):
+    """The compiled step for one stage: traced and compiled once, then reused."""
+    if patch_side not in self._compiled:
+      fn = functools.partial(
+        train_step.train_step,
+        cfg=self.cfg,
+        tx=self.tx,
+        schedule=self.schedule,
+        root_key=self.root_key,
+        patch_side=patch_side,
+        grad_accum_steps=self.c.train.grad_accum_steps,
+        ema_decay=self.c.train.ema_decay,
+      )
+      jitted = jax.jit(
+        fn,
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+        donate_argnums=0,
+      )
+      t0 = time.perf_counter()
+      compiled = jitted.lower(state, batch).compile()
+      self.compile_log.append(_log_compile(patch_side, time.perf_counter() - t0, compiled))
+      self._compiled[patch_side] = compiled
+    return self._compiled[patch_side]
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {
+      "tokens": jax.make_array_from_process_local_data(
+        self.batch_sharding, local["tokens"].astype(np.int32)
+      ),
+      "label": jax.make_array_from_process_local_data(
+        self.batch_sharding, local["label"].astype(np.int32)
+      ),
+    }
+
+
+def _check_finite(pending: list, workdir: str, last_saved: int | None) -> None:
+  for step, side, m in pending:
+    loss = float(m["loss"])
+    if not math.isfinite(loss):
+      where = (
+        f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints"
+        if last_saved is not None
+        else "no checkpoint was written yet"
+      )
+      raise FloatingPointError(
+        f"loss became {loss} at step {step} (patch side {side}, lr {float(m['lr']):.3g}); "
+        f"training stopped and {where}. Lower optim.lr, raise optim.grad_clip, or check the data."
+      )
+  pending.clear()
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until the end of the NPP schedule (or train.max_steps), resuming if possible.
+
+  Returns a summary: final step, last logged metrics, the compile log.
+  """
+  trainer = Trainer(c, workdir)
+  plan, cfg = trainer.plan, trainer.cfg
+  ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
+  writer = metrics.MetricWriter(trainer.workdir)
+  config_dict = checkpoint.config_to_dict(c)
+
+  abstract = checkpoint.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding)
+  restored = ckpt.restore_latest(abstract, trainer.data_iter, config_dict)
+  if restored is not None:
+    start, state, meta = restored
+    writer.truncate_after(start)
+    log.info(
+      "resumed from step %d (stage %d, patch side %d)", start, meta["stage"], meta["patch_side"]
+    )
+  else:
+    start, state = 0, trainer.fresh_state()
+    _log_overview(state.params)
+  log.info(
+    "training %s: %d steps (%d per epoch, stages end at epochs %s with patch sides %s), "
+    "global batch %d on mesh %s",
+    c.model.get("preset", "GPT"),
+    plan.total_steps,
+    plan.steps_per_epoch,
+    plan.stage_end_epochs,
+    plan.patch_sides,
+    c.train.global_batch_size,
+    dict(trainer.mesh.shape),
+  )
+
+  throughput = metrics.Throughput(start, plan.total_steps)
+  pending: list = []
+  last_saved = start if restored is not None else None
+  last_metrics: dict[str, Any] = {}
+  gb = c.train.global_batch_size
+  step = start
+  try:
+    for step in range(start, plan.total_steps):
+      stage = plan.stage(step)
+      side = plan.patch_sides[stage]
+      batch = trainer.global_batch(next(trainer.data_iter))
+      state, m = trainer.step_fn(side, state, batch)(state, batch)
+      pending.append((step + 1, side, m))
+      done = step + 1
+      if done % c.train.log_every_steps == 0 or done == plan.total_steps:
+        _check_finite(pending, trainer.workdir, last_saved)
+        tokens = gb * (cfg.grid // side) ** 2
+        rates = throughput.update(done, gb, tokens)
+        last_metrics = {
+          "loss": float(m["loss"]),
+          "lr": float(m["lr"]),
+          "grad_norm": float(m["grad_norm"]),
+          "patch_side": side,
+          "stage": stage,
+          "epoch": done / plan.steps_per_epoch,
+          **rates,
+        }
+        writer.write(done, last_metrics)
+        log.info(
+          "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
+          "%.2f steps/s %.1f img/s | ETA %s",
+          done,
+          plan.total_steps,
+          stage,
+          side,
+          side,
+          last_metrics["loss"],
+          last_metrics["lr"],
+          last_metrics["grad_norm"],
+          rates["steps_per_sec"],
+          rates["images_per_sec"],
+          metrics.format_duration(rates["eta_sec"]),
+        )
+      boundary = done in plan.stage_end_steps or done == plan.total_steps
+      if boundary or done % c.train.ckpt_every_steps == 0:
+        _check_finite(pending, trainer.workdir, last_saved)
+        next_stage = plan.stage(done) if done < plan.total_steps else stage
+        ckpt.save(
+          done,
+          state,
+          trainer.data_iter,
+          {
+            "step": done,
+            "stage": next_stage,
+            "patch_side": plan.patch_sides[next_stage],
+            "config": config_dict,
+            "model": cfg.to_dict(),
+          },
+        )
+        last_saved = done
+    _check_finite(pending, trainer.workdir, last_saved)
+  finally:
+    ckpt.close()
+    writer.close()
+  return {
+    "step": int(jax.device_get(state.step)),
+    "metrics": last_metrics,
+    "compile_log": trainer.compile_log,
+    "state": state,
+    "plan": plan,
+    "resumed_from": start if restored is not None else None,
+  }
+
+
+def _log_overview(params: Any) -> None:
+  try:
+    from clu import parameter_overview  # noqa: PLC0415
+
+    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(params))
+  except Exception as e:  # noqa: BLE001 (an overview must never stop training)
+    log.info("parameter overview unavailable: %s", e)
+
+
+def eval_loss(
+  params: Any, cfg: GPTConfig, tokens: jnp.ndarray, labels: jnp.ndarray, patch_side: int = 1
+) -> float:
+  """Deterministic patch cross-entropy of `params` on a batch (for checks and demos)."""
+  from npp_jax.models.gpt import GPT  # noqa: PLC0415
+
+  logits = GPT(cfg).apply({"params": params}, tokens, labels, patch_side=patch_side)
+  return float(npp.patch_cross_entropy(logits, tokens, cfg.grid, patch_side))

@@ -1,0 +1,76 @@
+"""A training process killed with SIGKILL and restarted logs the losses of an unbroken run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from .helpers import write_random_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_file(tmp_path, data_dir):
+  path = tmp_path / "kill_config.py"
+  path.write_text(
+    textwrap.dedent(f"""
+    from tests.helpers import tiny_config
+
+    def get_config(arg=None):
+      return tiny_config({str(data_dir)!r}, **{{"train.epochs": 16, "train.ckpt_every_steps": 7}})
+  """)
+  )
+  return str(path)
+
+
+def _run(config, workdir, **kw):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  cmd = [sys.executable, "-m", "npp_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  return subprocess.Popen(
+    cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+  )
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["loss"], r["patch_side"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_is_exact(tmp_path):
+  data = tmp_path / "data"
+  write_random_dataset(data, n=96)  # 6 steps per epoch, 96 steps, stages end at 24, 48, 96
+  config = _config_file(tmp_path, data)
+
+  full = _run(config, tmp_path / "full")
+  out, _ = full.communicate(timeout=600)
+  assert full.returncode == 0, out
+
+  victim_dir = tmp_path / "victim"
+  victim = _run(config, victim_dir)
+  ckpts = victim_dir / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline and victim.poll() is None:
+    done = [int(x) for x in os.listdir(ckpts) if x.isdigit()] if ckpts.exists() else []
+    if done and max(done) >= 28:  # killed somewhere in stage 2, mid-stage, while running
+      break
+    time.sleep(0.01)
+  assert victim.poll() is None, "the run finished before it could be killed; make it longer"
+  os.kill(victim.pid, signal.SIGKILL)
+  victim.wait()
+  killed_at = len(_losses(victim_dir))
+  assert killed_at < 96
+
+  again = _run(config, victim_dir)
+  out, _ = again.communicate(timeout=600)
+  assert again.returncode == 0, out
+  assert "resumed from step" in out
+  want, got = _losses(tmp_path / "full"), _losses(victim_dir)
+  assert [s for s, _, _ in got] == list(range(1, 97))
+  assert got == want, "bitwise-identical losses, step for step"

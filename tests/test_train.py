@@ -1,0 +1,290 @@
+"""The trainer: sharding, one compile per stage, stage schedule, accumulation, checkpoints."""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from npp_jax import checkpoint_io, config_lib, convert, train, train_step
+from npp_jax.models.gpt import GPTConfig
+
+from .helpers import tiny_config, write_random_dataset
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+  d = tmp_path / "data"
+  write_random_dataset(d, n=96)
+  return d
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active."""
+
+  def __init__(self):
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kwargs):
+    if self.active and event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+_COUNTER = CompileCounter()
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_sharded_step_equals_unsharded(data_dir, tmp_path):
+  c = tiny_config(data_dir)
+  c.mesh.update(data=4, fsdp=2, tensor=1)
+  trainer = train.Trainer(c, str(tmp_path / "wd"))
+  assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  state = trainer.fresh_state()
+  emb = state.params["tok_embeddings"]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (64, 16)
+  batch = trainer.global_batch(next(trainer.data_iter))
+  assert len({str(s.index) for s in batch["tokens"].addressable_shards}) == 8
+  host_state, host_batch = jax.device_get(state), jax.device_get(batch)
+
+  ref = jax.jit(
+    functools.partial(
+      train_step.train_step,
+      cfg=trainer.cfg,
+      tx=trainer.tx,
+      schedule=trainer.schedule,
+      root_key=trainer.root_key,
+      patch_side=2,
+    )
+  )
+  want_state, want_m = ref(host_state, host_batch)
+  got_state, got_m = trainer.step_fn(2, state, batch)(state, batch)
+  np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-5)
+  np.testing.assert_allclose(got_m["grad_norm"], want_m["grad_norm"], rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    jax.device_get(got_state.params),
+    jax.device_get(want_state.params),
+  )
+
+
+def test_one_compile_per_stage_and_stage_switches(data_dir, tmp_path, caplog):
+  c = tiny_config(data_dir)  # 96 records / batch 16 = 6 steps per epoch; stages end at 1, 2, 4
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING, logger="jax"):
+      summary = train.train_and_evaluate(c, str(tmp_path / "a"))
+      c2 = tiny_config(data_dir, **{"train.epochs": 8})
+      summary2 = train.train_and_evaluate(c2, str(tmp_path / "b"))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  step_compiles = [
+    r for r in caplog.records if "Finished XLA compilation of jit(train_step)" in r.getMessage()
+  ]
+  assert len(step_compiles) == 6, "3 stages x 2 runs: one compilation per stage, none per step"
+  assert [e["patch_side"] for e in summary["compile_log"]] == [4, 2, 1]
+  assert [e["patch_side"] for e in summary2["compile_log"]] == [4, 2, 1]
+  assert summary["step"] == 24 and summary2["step"] == 48
+  rows = read_metrics(tmp_path / "a")
+  assert [r["step"] for r in rows] == list(range(1, 25))
+  sides = [r["patch_side"] for r in rows]
+  assert sides == [4] * 6 + [2] * 6 + [1] * 12
+  lrs = [r["lr"] for r in rows]
+  assert lrs[0] == 0.0 and lrs[6] == 0.0 and lrs[12] == 0.0, "warmup restarts every stage"
+  assert np.isfinite([r["loss"] for r in rows]).all()
+  for key in ("grad_norm", "steps_per_sec", "images_per_sec", "tokens_per_sec", "eta_sec"):
+    assert key in rows[-1]
+  assert os.listdir(tmp_path / "a" / "tensorboard")
+  ckpts = sorted(int(x) for x in os.listdir(tmp_path / "a" / "checkpoints") if x.isdigit())
+  assert ckpts == [6, 12, 24], "a checkpoint at each stage boundary"
+
+
+def test_grad_accumulation_matches_one_big_step(data_dir, tmp_path):
+  c = tiny_config(data_dir)
+  c.model.update(
+    token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0
+  )
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg = config_lib.gpt_config(c)
+  sched = lambda t: 1.0
+  tx = optax.sgd(1.0)  # linear in the gradient, so parameter updates compare gradients
+  state = jax.jit(lambda k: train_step.unboxed(train_step.init_state(cfg, tx, k, ema=False)))(
+    jax.random.key(0)
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+    "tokens": jnp.asarray(rng.integers(0, 64, (16, 64)), jnp.int32),
+    "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+  }
+  run = lambda k: jax.jit(
+    functools.partial(
+      train_step.train_step,
+      cfg=cfg,
+      tx=tx,
+      schedule=sched,
+      root_key=jax.random.key(1),
+      patch_side=2,
+      grad_accum_steps=k,
+    )
+  )(state, batch)
+  one, m1 = run(1)
+  four, m4 = run(4)
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  upd = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new, state.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+    upd(four.params),
+    upd(one.params),
+  )
+
+
+def test_ema_and_weight_decay_mask(data_dir):
+  cfg = GPTConfig.preset("tiny", dim=32, n_head=2, dtype="float32")
+  params = train_step.unboxed(
+    train_step.init_state(
+      cfg,
+      train_step.make_optimizer(tiny_config(data_dir).optim, lambda t: 1e-3),
+      jax.random.key(0),
+      ema=True,
+    ).params
+  )
+  mask = train_step.decay_mask(params)
+  assert mask["tok_embeddings"] and mask["layers"]["attention"]["wq"]
+  assert not mask["layers"]["attention_norm"]["weight"] and not mask["norm"]["weight"]
+
+
+def test_ema_tracks_params(data_dir, tmp_path):
+  c = tiny_config(data_dir, **{"train.ema_decay": 0.5, "train.max_steps": 3})
+  summary = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  st = summary["state"]
+  diff = jax.tree.map(
+    lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), st.ema, st.params
+  )
+  assert max(jax.tree.leaves(diff)) > 0, "EMA lags the params"
+
+
+def test_bad_configs_are_rejected_before_compiling(data_dir, tmp_path):
+  cases = [
+    ({"train.global_batch_size": 12}, "global_batch_size=12 is not divisible by the 8"),
+    ({"model.grid": 6}, "needs patch side 4, which does not divide the 6x6 token grid"),
+    ({"train.grad_accum_steps": 3}, "grad_accum_steps=3 must divide the per-device batch 2"),
+    ({"mesh.data": 3}, "has 3 devices but 8 are available"),
+    ({"mesh.fsdp": 3}, "cannot be filled from 8 devices"),
+    ({"model.vocab_size": 32}, "the dataset has vocab_size=64 but config.model.vocab_size=32"),
+    ({"train.patch_level": 5}, "patch_level must be 1, 2, 3 or 4"),
+    ({"model.n_head": 3}, "dim=32 is not divisible by n_head=3"),
+  ]
+  _COUNTER.count, _COUNTER.active = 0, True
+  try:
+    for overrides, message in cases:
+      with pytest.raises(ValueError, match=message):
+        train.Trainer(tiny_config(data_dir, **overrides), str(tmp_path / "wd"))
+  finally:
+    _COUNTER.active = False
+  assert _COUNTER.count == 0
+  with pytest.raises(ValueError, match="unknown model preset 'XS'"):
+    config_lib.get_config("XS")
+  with pytest.raises(ValueError, match="config.data.path is empty"):
+    train.Trainer(tiny_config(""), str(tmp_path / "wd"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
+  c = tiny_config(
+    data_dir,
+    **{
+      "optim.lr": 1e30,
+      "optim.grad_clip": 0.0,
+      "train.ckpt_every_steps": 1,
+      "train.log_every_steps": 1000,
+      "optim.warmup_epochs": 0.0,
+    },
+  )
+  wd = tmp_path / "wd"
+  with pytest.raises(
+    FloatingPointError,
+    match=r"loss became nan at step (\d+) .*the last good "
+    r"checkpoint is step",
+  ):
+    train.train_and_evaluate(c, str(wd))
+  steps = [int(x) for x in os.listdir(wd / "checkpoints") if x.isdigit()]
+  assert steps, "the good checkpoints are kept"
+
+
+def test_resume_refuses_a_different_model(data_dir, tmp_path):
+  wd = str(tmp_path / "wd")
+  train.train_and_evaluate(tiny_config(data_dir, **{"train.max_steps": 2}), wd)
+  with pytest.raises(ValueError, match=r"model.dim: checkpoint 32, config 64[\s\S]*new --workdir"):
+    train.train_and_evaluate(tiny_config(data_dir, **{"model.dim": 64}), wd)
+
+
+def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, caplog):
+  wd = tmp_path / "wd"
+  c = tiny_config(data_dir, **{"train.max_steps": 12})
+  train.train_and_evaluate(c, str(wd))
+  newest = wd / "checkpoints" / "12" / "state"
+  for root, _, files in os.walk(newest):
+    for f in files:
+      if not f.startswith("_"):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  with caplog.at_level(logging.WARNING):
+    summary = train.train_and_evaluate(tiny_config(data_dir), str(wd))
+  assert summary["resumed_from"] == 6
+  assert "checkpoint 12" in caplog.text
+  assert summary["step"] == 24
+
+
+def test_resume_continues_mid_stage(data_dir, tmp_path):
+  """A run stopped at step 9 (mid stage 2) and resumed logs the losses of an unbroken run."""
+  full = tmp_path / "full"
+  train.train_and_evaluate(tiny_config(data_dir), str(full))
+  part = tmp_path / "part"
+  train.train_and_evaluate(tiny_config(data_dir, **{"train.max_steps": 9}), str(part))
+  summary = train.train_and_evaluate(tiny_config(data_dir), str(part))
+  assert summary["resumed_from"] == 9
+  a, b = read_metrics(full), read_metrics(part)
+  assert [r["step"] for r in b] == list(range(1, 25))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_init_from_converted_params(tmp_path, golden_dir):
+  data = tmp_path / "data"
+  write_random_dataset(data, n=96)
+  cfg = GPTConfig.preset("tiny", dtype="float32")
+  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+  checkpoint_io.save_params(str(tmp_path / "conv"), convert.gpt_params_from_torch(sd, cfg), cfg)
+  c = tiny_config(data)
+  c.model.update(dim=64, n_head=4, multiple_of=256)
+  c.train.init_from = str(tmp_path / "conv")
+  trainer = train.Trainer(c, str(tmp_path / "wd"))
+  state = trainer.fresh_state()
+  np.testing.assert_array_equal(
+    np.asarray(state.params["tok_embeddings"]), sd["tok_embeddings.weight"]
+  )
+  c.model.update(dim=32, n_head=2, multiple_of=32)
+  with pytest.raises(ValueError, match="do not fit the requested model"):
+    train.Trainer(c, str(tmp_path / "wd2")).fresh_state()
+
+
+def test_plan_matches_reference_arithmetic():
+  c = config_lib.get_config("B")
+  info = dataclasses.make_dataclass("I", ["num_records", "grid", "vocab_size", "num_classes"])(
+    1_281_167, 16, 16384, 1000
+  )
+  plan = train.validate(c, 8, info)
+  assert plan.steps_per_epoch == 1_281_167 // 256
+  assert plan.stage_end_epochs == (75, 150, 300) and plan.patch_sides == (4, 2, 1)
+  assert plan.total_steps == 300 * plan.steps_per_epoch
