@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/mnist
-# 8 fake CPU devices so sharding code paths run on a laptop.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# Tests run on 8 fake CPU devices so the sharding code paths run on a laptop.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
 
 .PHONY: install test test-fast lint format demo clean
 
@@ -26,14 +26,16 @@ format: install
 
 # Everything, slow end-to-end tests included (what CI runs).
 test: lint
-	$(PY) -m pytest -q -n 2 --durations=15
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 --durations=15
 
 # The quick loop: skip tests marked slow.
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 -m "not slow"
 
+# Train through every NPP stage, then sample: WORKDIR/samples.png and an ADM-format npz.
 demo: install
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR)
+	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) --config.mode=sample
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

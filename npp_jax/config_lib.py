@@ -12,6 +12,8 @@ import ml_collections
 from npp_jax.models.gpt_config import GPTConfig
 
 MODES = ("train", "sample", "eval", "extract")
+# Guidance scales of the NPP paper's FID results, per model size.
+CFG_SCALES = {"B": 2.0, "L": 1.75, "XL": 1.70, "XXL": 1.65}
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -68,6 +70,26 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.optim.grad_clip = 1.0
   c.optim.warmup_epochs = 1.0  # the reference code's default; the paper uses 5
   c.optim.decay_ratio = 0.2
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.name = "vq16"  # "grey" for the embedded demo
+  c.tokenizer.checkpoint = ""  # vq_ds16_c2i.pt (or its converted directory)
+  c.tokenizer.levels = 16  # grey levels (grey tokenizer only)
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.checkpoint = ""  # "": newest checkpoint of --workdir; or converted dir / .pt file
+  c.sample.use_ema = True  # sample from EMA weights when the run kept them
+  c.sample.cfg_scale = CFG_SCALES.get(preset, 1.5)
+  c.sample.cfg_interval = -1
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.sample.num_images = 50_000  # the ADM evaluator's FID-50k
+  c.sample.batch_size = 128  # global; a multiple of the device count
+  c.sample.seed = 0
+  c.sample.png_classes = ()  # classes shown in samples.png (default: the first 10)
+  c.sample.png_per_class = 8
+  c.sample.png_scale = 1
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes

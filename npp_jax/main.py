@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_AVAILABLE = {"train"}
+_AVAILABLE = {"train", "sample"}
 log = logging.getLogger("npp_jax.main")
 
 
@@ -44,13 +44,11 @@ def main(argv):
 
     summary = train.train_and_evaluate(c, workdir)
     log.info("finished at step %d: %s", summary["step"], summary["metrics"])
-    if c.get("after_train") is not None and c.after_train:
-      _after_train(c, workdir, summary)
+  elif c.mode == "sample":
+    from npp_jax import sample_job  # noqa: PLC0415
 
-
-def _after_train(c, workdir, summary):
-  """Hook for the embedded demo: jobs that run once training finishes."""
-  del c, workdir, summary
+    out = sample_job.run(c, workdir)
+    log.info("samples: %s", out)
 
 
 def setup_logging() -> None:

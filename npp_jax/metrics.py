@@ -76,17 +76,21 @@ def _row_step(line: str) -> int:
 
 
 class Throughput:
-  """Steps/s, images/s, tokens/s since the last call, and the ETA of the run."""
+  """Steps/s, images/s, tokens/s since the last call, and the ETA of the run.
+
+  The ETA uses the recent rate: coarse NPP stages run much faster than the token stage,
+  so an average over the whole run would promise too early a finish.
+  """
 
   def __init__(self, start_step: int, total_steps: int):
     self.total = total_steps
-    self._t0 = self._t = time.perf_counter()
-    self._s0 = self._s = start_step
+    self._t = time.perf_counter()
+    self._s = start_step
 
   def update(self, step: int, images_per_step: int, tokens_per_step: int) -> dict[str, float]:
     now = time.perf_counter()
     dt, ds = max(now - self._t, 1e-9), step - self._s
-    rate = (step - self._s0) / max(now - self._t0, 1e-9)
+    rate = ds / dt
     self._t, self._s = now, step
     return {
       "steps_per_sec": ds / dt,

@@ -288,3 +288,16 @@ def test_plan_matches_reference_arithmetic():
   assert plan.steps_per_epoch == 1_281_167 // 256
   assert plan.stage_end_epochs == (75, 150, 300) and plan.patch_sides == (4, 2, 1)
   assert plan.total_steps == 300 * plan.steps_per_epoch
+
+
+def test_throughput_eta_uses_recent_rate(monkeypatch):
+  from npp_jax import metrics
+
+  clock = iter([0.0, 10.0, 20.0])
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  t = metrics.Throughput(0, 1000)
+  fast = t.update(100, 8, 80)  # 10 steps/s
+  slow = t.update(110, 8, 80)  # then 1 step/s
+  assert fast["steps_per_sec"] == 10 and fast["images_per_sec"] == 80
+  assert slow["eta_sec"] == 890
+  assert metrics.format_duration(3725) == "1h02m05s"

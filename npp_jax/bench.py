@@ -1,0 +1,180 @@
+"""Benchmarks (random weights): `python -m npp_jax.bench {sample,train} --config=configs/b.py`.
+
+sample: images/s and ms per token step of `sample.generate` with guidance, after warm-up;
+        `--max-batch` also searches the largest batch that fits (doubling until OOM).
+train:  ms per train step and images/s for one NPP stage (`--patch-side`).
+Each result is printed as one JSON line; record them in BENCHMARKS.md.
+"""
+
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npp_jax import config_lib, sample, sharding, train_step
+from npp_jax.models.gpt import GPT
+
+
+def load_config(path: str, overrides: list[str]):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  return config_lib.apply_overrides(c, ",".join(overrides)) if overrides else c
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  return f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"
+
+
+def random_params(cfg, key=0):
+  """Random params with a non-zero output head (zero heads give uniform logits)."""
+  init = jax.jit(
+    lambda k: GPT(cfg).init(k, jnp.zeros((1, cfg.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32))[
+      "params"
+    ]
+  )
+  params = train_step.unboxed(init(jax.random.key(key)))
+  params["output"] = 0.02 * jax.random.normal(jax.random.key(key + 1), params["output"].shape)
+  return params
+
+
+def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
+  cfg = config_lib.gpt_config(c)
+  params = jax.device_put(random_params(cfg), sharding.replicated(mesh))
+  labels = np.arange(batch) % cfg.num_classes
+  run = functools.partial(
+    sample.generate,
+    params,
+    cfg,
+    labels,
+    cfg_scale=c.sample.cfg_scale,
+    temperature=c.sample.temperature,
+    top_k=c.sample.top_k,
+    top_p=c.sample.top_p,
+    mesh=mesh,
+  )
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(jax.random.key(0)))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(jax.random.key(r + 1)))
+    times.append(time.perf_counter() - t0)
+  t = float(np.median(times))
+  return {
+    "bench": "sample",
+    "model": c.model.get("preset", "?"),
+    "batch": batch,
+    "cfg_scale": c.sample.cfg_scale,
+    "dtype": cfg.dtype,
+    "sec_per_batch": round(t, 4),
+    "images_per_sec": round(batch / t, 1),
+    "ms_per_token_step": round(1e3 * t / cfg.seq_len, 3),
+    "first_call_sec": round(compile_s, 1),
+    "device": _device(),
+  }
+
+
+def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
+  cfg = config_lib.gpt_config(c)
+  sched = lambda step: c.optim.lr
+  tx = train_step.make_optimizer(c.optim, sched)
+  init = functools.partial(train_step.init_state, cfg, tx, ema=c.train.ema_decay > 0)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.logical_sharding(boxed, mesh)
+  state = jax.jit(lambda k: train_step.unboxed(init(k)), out_shardings=state_sh)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch_sh = sharding.batch_sharding(mesh)
+  data = {
+    "tokens": jax.device_put(
+      rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len), dtype=np.int32), batch_sh
+    ),
+    "label": jax.device_put(rng.integers(0, cfg.num_classes, batch, dtype=np.int32), batch_sh),
+  }
+  fn = jax.jit(
+    functools.partial(
+      train_step.train_step,
+      cfg=cfg,
+      tx=tx,
+      schedule=sched,
+      root_key=jax.random.key(1),
+      patch_side=patch_side,
+      grad_accum_steps=c.train.grad_accum_steps,
+    ),
+    in_shardings=(state_sh, batch_sh),
+    donate_argnums=0,
+  )
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, data).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(3):
+    state, m = compiled(state, data)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    state, m = compiled(state, data)
+  jax.block_until_ready(m)
+  t = (time.perf_counter() - t0) / repeats
+  return {
+    "bench": "train",
+    "model": c.model.get("preset", "?"),
+    "batch": batch,
+    "patch_side": patch_side,
+    "seq_len": (cfg.grid // patch_side) ** 2,
+    "dtype": cfg.dtype,
+    "ms_per_step": round(1e3 * t, 2),
+    "images_per_sec": round(batch / t, 1),
+    "compile_sec": round(compile_s, 1),
+    "device": _device(),
+  }
+
+
+def _is_oom(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(
+    prog="python -m npp_jax.bench",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("what", choices=["sample", "train"])
+  p.add_argument("--config", required=True)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--patch-side", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--max-batch", action="store_true", help="also find the largest batch (sample)")
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+  args = p.parse_args(argv)
+  c = load_config(args.config, args.set)
+  mesh = sharding.make_mesh(c.mesh.to_dict())
+  if args.what == "train":
+    print(json.dumps(bench_train(c, args.batch, args.patch_side, args.repeats, mesh)), flush=True)
+    return 0
+  print(json.dumps(bench_sample(c, args.batch, args.repeats, mesh)), flush=True)
+  if args.max_batch:
+    best, batch = None, args.batch * 2
+    while True:
+      try:
+        best = bench_sample(c, batch, 2, mesh)
+      except Exception as e:  # noqa: BLE001
+        if not _is_oom(e):
+          raise
+        break
+      print(json.dumps({**best, "search": "max_batch"}), flush=True)
+      batch *= 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,201 @@
+"""Class-conditional generation: prefill the class token, then a KV-cache `lax.fori_loop`.
+
+Classifier-free guidance runs the conditional rows and the null-class rows as one batch,
+combines `u + s * (c - u)`, samples once and feeds the same token to both halves, as
+LlamaGen's `generate()` does (guidance only when `cfg_scale > 1`; after decode step
+`cfg_interval` the conditional logits are used alone).
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from npp_jax import sharding
+from npp_jax.models.gpt import GPT, GPTConfig, init_cache
+
+
+def filter_logits(logits: jnp.ndarray, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
+  """HF/LlamaGen `top_k_top_p_filtering`: removed entries become -inf.
+
+  top-k keeps the k largest (ties with the k-th kept); top-p keeps the smallest prefix
+  of the descending-sorted distribution whose mass exceeds p (always at least one).
+  """
+  neg_inf = jnp.array(-jnp.inf, logits.dtype)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = cum > top_p
+    remove = jnp.concatenate([jnp.zeros_like(remove[..., :1]), remove[..., :-1]], axis=-1)
+    inverse = jnp.argsort(order, axis=-1)
+    logits = jnp.where(jnp.take_along_axis(remove, inverse, axis=-1), neg_inf, logits)
+  return logits
+
+
+def sample_token(
+  key: jax.Array, logits: jnp.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jnp.ndarray:
+  """One token per row from (B, V) logits (float32), after temperature and filtering."""
+  logits = logits.astype(jnp.float32) / max(temperature, 1e-5)
+  if top_k > 0 or top_p < 1.0:
+    logits = filter_logits(logits, top_k, top_p)
+  if top_k == 1:  # greedy: exact argmax, no randomness
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def guide(logits: jnp.ndarray, cfg_scale: float, use_guidance: Any = True) -> jnp.ndarray:
+  """(2B, V) [cond; null] logits -> (B, V): u + s * (c - u), or c alone when not guiding."""
+  cond, uncond = jnp.split(logits, 2, axis=0)
+  guided = uncond + (cond - uncond) * cfg_scale
+  return jnp.where(use_guidance, guided, cond)
+
+
+def validate_request(
+  cfg: GPTConfig,
+  labels: Any,
+  *,
+  cfg_scale: float,
+  cfg_interval: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  mesh: Mesh | None = None,
+) -> None:
+  """Every bad sampling argument is a ValueError naming the value, before compiling."""
+  y = np.asarray(labels)
+  if y.ndim != 1 or y.size == 0:
+    raise ValueError(f"labels must be a non-empty (batch,) array, got shape {y.shape}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"labels must be integers, got dtype {y.dtype}.")
+  if y.min() < 0 or y.max() >= cfg.num_classes:
+    bad = int(y[(y < 0) | (y >= cfg.num_classes)][0])
+    raise ValueError(f"class label {bad} is outside [0, {cfg.num_classes}).")
+  if not cfg_scale >= 0:
+    raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1.0 disables guidance).")
+  if cfg_scale > 1.0 and not cfg.has_null_class:
+    raise ValueError(
+      f"cfg_scale={cfg_scale} needs the null-class embedding, but this model has "
+      "class_dropout_prob=0 (no null row); sample with cfg_scale=1."
+    )
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0.")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1.0 disables it).")
+  if not 0 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}] (0 disables it).")
+  if cfg_interval < -1:
+    raise ValueError(f"cfg_interval={cfg_interval} must be >= -1 (-1: guide every step).")
+  if mesh is not None:
+    n = sharding.data_parallel_size(mesh)
+    if y.size % n:
+      raise ValueError(
+        f"a batch of {y.size} labels does not divide over the {n} data-parallel devices; "
+        f"use a multiple of {n}."
+      )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p"),
+)
+def _generate(
+  params,
+  labels,
+  key,
+  *,
+  cfg: GPTConfig,
+  cfg_scale: float,
+  cfg_interval: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+):
+  model = GPT(cfg)
+  guided = cfg_scale > 1.0
+  b, n = labels.shape[0], cfg.seq_len
+  cond = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
+  cache = init_cache(cfg, cond.shape[0], cfg.cls_token_num + n)
+  pick = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  logits, cache = model.apply({"params": params}, None, cond, cache, 0, method=GPT.decode)
+  logits = logits[:, -1]
+  first = pick(jax.random.fold_in(key, 0), guide(logits, cfg_scale) if guided else logits)
+  tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first)
+
+  def body(i, carry):
+    tokens, last, cache = carry
+    x = jnp.concatenate([last, last]) if guided else last
+    logits, cache = model.apply({"params": params}, x[:, None], None, cache, i, method=GPT.decode)
+    logits = logits[:, -1]
+    if guided:
+      # Decode step j = i - 1 guides unless cfg_interval > -1 and j > cfg_interval.
+      on = (cfg_interval <= -1) | (i - 1 <= cfg_interval)
+      logits = guide(logits, cfg_scale, on)
+    tok = pick(jax.random.fold_in(key, i), logits)
+    return tokens.at[:, i].set(tok), tok, cache
+
+  tokens, _, _ = jax.lax.fori_loop(1, n, body, (tokens, first, cache))
+  return tokens
+
+
+def generate(
+  params: Any,
+  cfg: GPTConfig,
+  labels: Any,
+  rng: jax.Array,
+  *,
+  cfg_scale: float = 1.0,
+  cfg_interval: int = -1,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  mesh: Mesh | None = None,
+) -> jax.Array:
+  """Samples `grid*grid` image tokens per label.
+
+  Args:
+    params: GPT params (float32 or bf16 arrays; sharded or not).
+    cfg: the model config.
+    labels: (B,) class ids in [0, num_classes).
+    rng: a PRNG key; the same key, labels and settings give the same tokens.
+    cfg_scale: guidance scale; > 1 runs the null-class rows alongside.
+    cfg_interval: stop guiding after this decode step (-1: guide throughout).
+    temperature, top_k, top_p: sampling filters (top_k 0 and top_p 1.0 are off; top_k=1
+      is greedy decoding).
+    mesh: when given, the batch is split over its data x fsdp axes.
+
+  Returns:
+    (B, grid*grid) int32 tokens. Compiled once per batch shape and settings.
+  """
+  validate_request(
+    cfg,
+    labels,
+    cfg_scale=cfg_scale,
+    cfg_interval=cfg_interval,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    mesh=mesh,
+  )
+  labels = jnp.asarray(np.asarray(labels, np.int32))
+  if mesh is not None:
+    labels = jax.device_put(labels, sharding.batch_sharding(mesh))
+  return _generate(
+    params,
+    labels,
+    rng,
+    cfg=cfg,
+    cfg_scale=float(cfg_scale),
+    cfg_interval=int(cfg_interval),
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
