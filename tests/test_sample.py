@@ -47,6 +47,8 @@ def python_reference(params, cfg, labels, scale, cfg_interval):
     c, u = np.split(lg, 2)
     return u + (c - u) * scale if flag else c
 
+  step = jax.jit(lambda c, x, i: model.apply({"params": params}, x, None, c, i,
+                                             method=GPT.decode))
   tok = combine(logits, True).argmax(-1)
   out = [tok]
   flag = True

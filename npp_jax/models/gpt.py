@@ -94,7 +94,7 @@ class Attention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x, rope, deterministic, cache=None, cache_index=None):
+  def __call__(self, x, rope, deterministic, cache=None, cache_index=None, layer=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     init = nn.initializers.normal(0.02)
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -122,16 +122,18 @@ class Attention(nn.Module):
       k_pos = jnp.arange(t)
       new_cache = None
     else:
-      keys = jax.lax.dynamic_update_slice(
-        cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0)
-      )
-      values = jax.lax.dynamic_update_slice(
-        cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0)
-      )
-      new_cache = {"k": keys, "v": values}
+      # The cache of all layers is one loop-carried buffer: writing this layer's new
+      # entries in place (instead of stacking per-layer outputs) keeps decoding from
+      # copying the whole cache at every token.
+      at = (layer, 0, cache_index, 0, 0)
+      new_cache = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at),
+      }
+      keys = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False).astype(dt)
+      values = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False).astype(dt)
       q_pos = cache_index + jnp.arange(t)
       k_pos = jnp.arange(keys.shape[1])
-      keys, values = keys.astype(dt), values.astype(dt)
 
     # Grouped-query attention without copying K/V: query head h uses kv head h // group.
     group = nh // nkv
@@ -172,14 +174,15 @@ class Block(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x, drop_rate, rope, cache, cache_index, deterministic):
+  def __call__(self, carry, drop_rate, layer, rope, cache_index, deterministic):
     cfg = self.cfg
+    x, cache = carry
     attn, new_cache = Attention(cfg, name="attention")(
-      RMSNorm(cfg, name="attention_norm")(x), rope, deterministic, cache, cache_index
+      RMSNorm(cfg, name="attention_norm")(x), rope, deterministic, cache, cache_index, layer
     )
     h = x + self._drop_path(attn, drop_rate, deterministic)
     ffn = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg, name="ffn_norm")(h), deterministic)
-    return h + self._drop_path(ffn, drop_rate, deterministic), new_cache
+    return (h + self._drop_path(ffn, drop_rate, deterministic), new_cache), None
 
   def _drop_path(self, x, rate, deterministic):
     if deterministic or self.cfg.drop_path_rate == 0:
@@ -239,7 +242,7 @@ class GPT(nn.Module):
       _remat(Block, cfg.remat),
       variable_axes={"params": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(0, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.n_layer,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
@@ -256,7 +259,8 @@ class GPT(nn.Module):
     cfg = self.cfg
     h = self.tok_dropout(h, deterministic=deterministic).astype(jnp.float32)
     rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
-    h, new_cache = self.layers(h, rates, rope, cache, cache_index, deterministic)
+    layer_ids = jnp.arange(cfg.n_layer)
+    (h, new_cache), _ = self.layers((h, cache), rates, layer_ids, rope, cache_index, deterministic)
     h = self.norm(h)
     logits = jnp.einsum("btd,dv->btv", h, self.output.astype(cfg.compute_dtype))
     return logits.astype(jnp.float32), new_cache
