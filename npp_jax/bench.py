@@ -1,8 +1,9 @@
-"""Benchmarks (random weights): `python -m npp_jax.bench {sample,train} --config=configs/b.py`.
+"""Benchmarks (random weights): `python -m npp_jax.bench {sample,train,tokenizer} ...`.
 
 sample: images/s and ms per token step of `sample.generate` with guidance, after warm-up;
         `--max-batch` also searches the largest batch that fits (doubling until OOM).
 train:  ms per train step and images/s for one NPP stage (`--patch-side`).
+tokenizer: VQ-16 encode and decode images/s at `--image-size` (256).
 Each result is printed as one JSON line; record them in BENCHMARKS.md.
 """
 
@@ -138,6 +139,35 @@ def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
   }
 
 
+def bench_tokenizer(batch: int, image_size: int, repeats: int, preset: str = "VQ-16") -> dict:
+  from npp_jax import convert_vq, tokenizers  # noqa: PLC0415
+  from npp_jax.models.vqgan import VQConfig  # noqa: PLC0415
+
+  cfg = VQConfig.preset(preset)
+  abstract = convert_vq.vq_abstract_params(cfg)
+  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
+  params = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape), abstract)
+  tok = tokenizers.VQTokenizer(cfg, params)
+  x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1.0)
+  codes = jax.block_until_ready(tok.encode(x))
+  jax.block_until_ready(tok.decode(codes))
+  out = {
+    "bench": "tokenizer",
+    "model": preset,
+    "batch": batch,
+    "image_size": image_size,
+    "device": _device(),
+  }
+  for name, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, codes)):
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      r = fn(arg)
+    jax.block_until_ready(r)
+    t = (time.perf_counter() - t0) / repeats
+    out[f"{name}_images_per_sec"] = round(batch / t, 2)
+  return out
+
+
 def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
 
@@ -148,14 +178,18 @@ def main(argv=None) -> int:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("what", choices=["sample", "train"])
-  p.add_argument("--config", required=True)
+  p.add_argument("what", choices=["sample", "train", "tokenizer"])
+  p.add_argument("--config", default="configs/b.py")
+  p.add_argument("--image-size", type=int, default=256, help="tokenizer benchmark resolution")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--patch-side", type=int, default=1)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--max-batch", action="store_true", help="also find the largest batch (sample)")
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
   args = p.parse_args(argv)
+  if args.what == "tokenizer":
+    print(json.dumps(bench_tokenizer(args.batch, args.image_size, args.repeats)), flush=True)
+    return 0
   c = load_config(args.config, args.set)
   mesh = sharding.make_mesh(c.mesh.to_dict())
   if args.what == "train":

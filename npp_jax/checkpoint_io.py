@@ -2,8 +2,10 @@
 
 Layout of DIR: `params/` (an orbax StandardCheckpointer tree) and `model_config.json`
 (the GPTConfig fields, so a sampler can rebuild the model without being told its size).
+A converted VQ tokenizer has `vq_config.json` instead.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,10 +20,12 @@ from npp_jax.models.gpt import abstract_params
 from npp_jax.models.gpt_config import GPTConfig
 
 CONFIG_FILE = "model_config.json"
+VQ_CONFIG_FILE = "vq_config.json"
 
 
-def save_params(directory: str, params: Any, cfg: GPTConfig, *, force: bool = False) -> str:
-  """Writes `params` and `cfg` to `directory`; refuses to overwrite unless `force`."""
+def save_params(directory: str, params: Any, cfg: Any, *, force: bool = False) -> str:
+  """Writes `params` and `cfg` (GPTConfig or VQConfig) to `directory`; never overwrites
+  unless `force`."""
   directory = os.path.abspath(directory)
   target = os.path.join(directory, "params")
   if os.path.exists(target):
@@ -32,9 +36,19 @@ def save_params(directory: str, params: Any, cfg: GPTConfig, *, force: bool = Fa
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=1)
+  name = CONFIG_FILE if isinstance(cfg, GPTConfig) else VQ_CONFIG_FILE
+  with open(os.path.join(directory, name), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=1)
   return directory
+
+
+def restore_tree(directory: str) -> Any:
+  """The params tree stored under DIR/params (numpy arrays)."""
+  target = os.path.join(os.path.abspath(directory), "params")
+  if not os.path.isdir(target):
+    raise FileNotFoundError(f"no params checkpoint at {target}.")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(target)
 
 
 def load_model_config(directory: str) -> GPTConfig:

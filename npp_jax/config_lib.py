@@ -76,6 +76,19 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.tokenizer.checkpoint = ""  # vq_ds16_c2i.pt (or its converted directory)
   c.tokenizer.levels = 16  # grey levels (grey tokenizer only)
 
+  c.extract = ml_collections.ConfigDict()
+  c.extract.source = "imagefolder"  # or "tfds" (the `data` extra)
+  c.extract.data_dir = ""  # ImageFolder root (root/<class>/<image>) or the tfds data_dir
+  c.extract.tfds_name = "imagenet2012"
+  c.extract.split = "train"
+  c.extract.image_size = 256  # extract at the size you train at (grid = image_size / 16)
+  c.extract.ten_crop = True  # 10 crop/flip variants per image; False: center + mirror
+  c.extract.crop_range = 1.1
+  c.extract.out_dir = ""  # default: WORKDIR/codes
+  c.extract.images_per_shard = 1024
+  c.extract.batch_size = 64  # variants encoded per device step (per host)
+  c.extract.num_workers = 8  # image decoding threads
+
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""  # "": newest checkpoint of --workdir; or converted dir / .pt file
   c.sample.use_ema = True  # sample from EMA weights when the run kept them

@@ -7,6 +7,7 @@ Library:
 
 CLI:
   python -m npp_jax.convert gpt --checkpoint c2i_B_256.pt --model B --out DIR
+  python -m npp_jax.convert vq --checkpoint vq_ds16_c2i.pt --out DIR
 """
 
 import argparse
@@ -336,15 +337,37 @@ def main(argv: list[str] | None = None) -> int:
     help="GPTConfig overrides, e.g. num_classes=1000 vocab_size=16384",
   )
   g.add_argument("--force", action="store_true", help="replace an existing output")
+  v = sub.add_parser("vq", help="LlamaGen VQ tokenizer checkpoint -> orbax params directory")
+  v.add_argument("--checkpoint", required=True, help="vq_ds16_c2i.pt (or .npz/.safetensors)")
+  v.add_argument("--model", default="VQ-16", help="VQ-16 or VQ-8")
+  v.add_argument("--out", required=True)
+  v.add_argument("--key", default=None)
+  v.add_argument(
+    "--set",
+    nargs="*",
+    default=[],
+    metavar="NAME=VALUE",
+    help="VQConfig overrides, e.g. codebook_size=16384 codebook_embed_dim=8",
+  )
+  v.add_argument("--force", action="store_true")
   args = parser.parse_args(argv)
 
   from npp_jax import checkpoint_io  # noqa: PLC0415
 
-  cfg = GPTConfig.preset(args.model, **_parse_overrides(args.set))
   sd = load_torch_checkpoint(args.checkpoint, key=args.key)
+  n = sum(int(np.prod(x.shape)) for x in sd.values())
+  if args.kind == "vq":
+    from npp_jax import convert_vq  # noqa: PLC0415
+    from npp_jax.models.vqgan import VQConfig  # noqa: PLC0415
+
+    vcfg = VQConfig.preset(args.model, **_parse_overrides(args.set))
+    params = convert_vq.vq_params_from_torch(sd, vcfg)
+    out = checkpoint_io.save_params(args.out, params, vcfg, force=args.force)
+    print(f"converted {args.checkpoint} ({n:,} values, {args.model}) -> {out}")
+    return 0
+  cfg = GPTConfig.preset(args.model, **_parse_overrides(args.set))
   params = gpt_params_from_torch(sd, cfg)
   out = checkpoint_io.save_params(args.out, params, cfg, force=args.force)
-  n = sum(int(np.prod(x.shape)) for x in sd.values())
   print(f"converted {args.checkpoint} ({n:,} parameters, {_describe(cfg)}) -> {out}")
   return 0
 

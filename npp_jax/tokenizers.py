@@ -1,15 +1,79 @@
-"""Turning generated tokens into images: the tokenizer a config names.
+"""Turning tokens into images and back: the tokenizer a config names.
 
 `config.tokenizer.name`: "grey" (the embedded demo's grey-level tokenizer) or "vq16"
-(LlamaGen's VQ-16, whose decoder needs `config.tokenizer.checkpoint`).
+(LlamaGen's VQ tokenizer; `config.tokenizer.checkpoint` is a directory written by
+`python -m npp_jax.convert vq` or the `.pt` file itself).
 """
 
+import json
+import os
 from collections.abc import Callable
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from npp_jax import checkpoint_io, convert, convert_vq
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
+from npp_jax.models.vqgan import VQConfig, VQModel, codes_to_images_uint8
+
+
+def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
+  """The VQConfig of `c.tokenizer` (codebook size = the GPT's vocabulary)."""
+  t = c.tokenizer
+  path = os.path.join(t.checkpoint, checkpoint_io.VQ_CONFIG_FILE) if t.checkpoint else ""
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return VQConfig(**json.load(f))
+  return VQConfig.preset(
+    t.get("preset", "VQ-16"),
+    codebook_size=c.model.vocab_size,
+    codebook_embed_dim=t.get("codebook_embed_dim", 8),
+  )
+
+
+def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
+  """(VQConfig, params) from `c.tokenizer.checkpoint`, checked against each other."""
+  source = c.tokenizer.checkpoint
+  if not source:
+    raise ValueError(
+      "tokenizer.checkpoint is empty: give the VQ tokenizer (vq_ds16_c2i.pt, or the directory "
+      "written by `python -m npp_jax.convert vq`)."
+    )
+  cfg = vq_config(c)
+  if os.path.isdir(source):
+    params = checkpoint_io.restore_tree(source)
+    want = jax.tree.map(lambda x: tuple(x.shape), convert_vq.vq_abstract_params(cfg))
+    if jax.tree.map(lambda x: tuple(x.shape), params) != want:
+      raise ValueError(f"the tokenizer params in {source} do not fit {cfg}.")
+  else:
+    params = convert_vq.vq_params_from_torch(convert.load_torch_checkpoint(source), cfg)
+  if cfg.codebook_size != c.model.vocab_size:
+    raise ValueError(
+      f"the tokenizer's codebook has {cfg.codebook_size} codes but the GPT's vocabulary is "
+      f"{c.model.vocab_size}: use the tokenizer the GPT was trained with."
+    )
+  return cfg, params
+
+
+class VQTokenizer:
+  """Jitted encode/decode with fixed batch shapes (one compilation per image size)."""
+
+  def __init__(self, cfg: VQConfig, params: Any):
+    self.cfg, self.params = cfg, jax.device_put(params)
+    model = VQModel(cfg)
+    self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQModel.encode))
+    self._decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=VQModel.decode_codes))
+
+  def encode(self, images: Any) -> jax.Array:
+    """float images NHWC in [-1, 1] -> codes (B, h, w)."""
+    return self._encode(self.params, images)
+
+  def decode(self, codes: Any) -> jax.Array:
+    """codes (B, h, w) -> float images NHWC in about [-1, 1]."""
+    return self._decode(self.params, codes)
 
 
 def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
@@ -24,8 +88,12 @@ def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
 
     return decode_grey
   if name == "vq16":
-    raise ValueError(
-      "decoding VQ-16 tokens into images needs the VQ tokenizer, which this version does not "
-      "include yet; sample with tokenizer.name='grey' models, or keep the tokens."
-    )
+    vq = VQTokenizer(*load_vq(c))
+    g = c.model.grid
+
+    def decode_vq(tokens: np.ndarray) -> np.ndarray:
+      codes = jnp.asarray(np.asarray(tokens, np.int32).reshape(-1, g, g))
+      return codes_to_images_uint8(vq.decode(codes))
+
+    return decode_vq
   raise ValueError(f"unknown tokenizer.name={name!r}; use 'grey' or 'vq16'.")

@@ -47,8 +47,7 @@ def python_reference(params, cfg, labels, scale, cfg_interval):
     c, u = np.split(lg, 2)
     return u + (c - u) * scale if flag else c
 
-  step = jax.jit(lambda c, x, i: model.apply({"params": params}, x, None, c, i,
-                                             method=GPT.decode))
+  step = jax.jit(lambda c, x, i: model.apply({"params": params}, x, None, c, i, method=GPT.decode))
   tok = combine(logits, True).argmax(-1)
   out = [tok]
   flag = True
@@ -56,9 +55,7 @@ def python_reference(params, cfg, labels, scale, cfg_interval):
     if cfg_interval > -1 and i > cfg_interval:
       flag = False
     x = np.concatenate([tok, tok]) if guided else tok
-    logits, cache = model.apply(
-      {"params": params}, jnp.asarray(x[:, None]), None, cache, i + 1, method=GPT.decode
-    )
+    logits, cache = step(cache, jnp.asarray(x[:, None]), i + 1)
     tok = combine(logits, flag).argmax(-1)
     out.append(tok)
   return np.stack(out, axis=1)

@@ -1,6 +1,8 @@
 """`mode=sample`: PNG grid, ADM-format npz, resume without redoing batches, weight sources."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,5 +75,45 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
     sample_job.run(_sample_config(data), str(tmp_path / "empty"))
   c = _sample_config(data)
   c.tokenizer.name = "vq16"
-  with pytest.raises(ValueError, match="needs the VQ tokenizer"):
+  with pytest.raises(ValueError, match="tokenizer.checkpoint is empty"):
     sample_job.run(c, str(tmp_path / "empty"))
+
+
+def test_sample_decodes_with_the_vq_tokenizer(tmp_path, golden_dir):
+  """A GPT over a 4x4 grid of a 64-code VQ tokenizer: samples come out as 64x64 RGB images."""
+  from .manifest_weights import generate
+
+  np.savez(tmp_path / "vq.npz", **generate(golden_dir / "vq_tiny_manifest.json"))
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "npp_jax.convert",
+      "vq",
+      "--checkpoint",
+      str(tmp_path / "vq.npz"),
+      "--out",
+      str(tmp_path / "vq"),
+      "--set",
+      "ch=32",
+      "z_channels=64",
+      "codebook_size=64",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 0, res.stderr
+  data = tmp_path / "data"
+  write_random_dataset(data, grid=4)
+  c = _sample_config(data)
+  c.model.grid = 4
+  c.train.patch_level = 2
+  c.tokenizer.update(name="vq16", checkpoint=str(tmp_path / "vq"))
+  c.sample.num_images = 8
+  train.train_and_evaluate(c, str(tmp_path / "wd"))
+  out = sample_job.run(c, str(tmp_path / "wd"))
+  assert Image.open(out["png"]).size == (2 * 66 + 2, 3 * 66 + 2)
+  with np.load(out["npz"]) as z:
+    assert z["arr_0"].shape == (8, 64, 64, 3) and z["arr_0"].dtype == np.uint8
+    assert z["arr_0"].std() > 0

@@ -1,0 +1,99 @@
+"""PyTorch VQ tokenizer checkpoints (LlamaGen `vq_ds16_c2i.pt`) -> Flax params of `VQModel`."""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from npp_jax.models.vqgan import VQConfig, VQModel
+
+# Buffers of the reference that are not parameters (codebook usage statistics).
+_IGNORED = re.compile(r"(^|\.)codebook_used$")
+
+
+def vq_abstract_params(cfg: VQConfig) -> Any:
+  """ShapeDtypeStructs of `VQModel(cfg)`'s params (nothing allocated)."""
+  x = jax.ShapeDtypeStruct(
+    (1, 2 * cfg.downsample, 2 * cfg.downsample, cfg.in_channels), jnp.float32
+  )
+  return jax.eval_shape(VQModel(cfg).init, jax.random.key(0), x)["params"]
+
+
+def flax_path(name: str, ndim: int) -> tuple[str, ...]:
+  """Reference name -> Flax param path: `a.conv_blocks.0.res.1.conv1.weight` ->
+  (a, conv_blocks_0, res_1, conv1, kernel); 1-D weights are GroupNorm scales."""
+  parts = name.split(".")
+  merged: list[str] = []
+  for p in parts[:-1]:
+    if p.isdigit() and merged:
+      merged[-1] = f"{merged[-1]}_{p}"
+    else:
+      merged.append(p)
+  leaf = parts[-1]
+  if merged[-1:] == ["embedding"] and merged[:1] == ["quantize"]:
+    return tuple(merged)
+  if leaf == "weight":
+    leaf = "kernel" if ndim == 4 else "scale"
+  return (*merged, leaf)
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+  value = np.asarray(value, np.float32)
+  return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # (out,in,kh,kw) -> HWIO
+
+
+def vq_params_from_torch(sd: Mapping[str, Any], cfg: VQConfig) -> dict[str, Any]:
+  """Reference state dict -> Flax params; every name and shape checked in one error."""
+  want = {
+    tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(vq_abstract_params(cfg)))
+  }
+  got, unexpected = {}, []
+  for name, value in sd.items():
+    if _IGNORED.search(name):
+      continue
+    path = flax_path(name, np.ndim(value))
+    if path in want:
+      got[path] = _to_flax(value)
+    else:
+      unexpected.append(name)
+  missing = sorted(".".join(p) for p in set(want) - set(got))
+  bad = sorted(
+    f"{'.'.join(p)}: checkpoint {got[p].shape}, model {want[p]}"
+    for p in set(want) & set(got)
+    if got[p].shape != want[p]
+  )
+  if missing or unexpected or bad:
+    lines = [
+      f"checkpoint does not fit the VQ tokenizer (ch={cfg.ch}, ch_mult={cfg.ch_mult}, "
+      f"z_channels={cfg.z_channels}, codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}):"
+    ]
+    for label, items in (
+      ("missing", missing),
+      ("unexpected", sorted(unexpected)),
+      ("wrong shape", bad),
+    ):
+      if items:
+        lines.append(
+          f"  {label}: "
+          + ", ".join(items[:6])
+          + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+        )
+    emb = sd.get("quantize.embedding.weight")
+    if emb is not None and tuple(np.shape(emb)) != (cfg.codebook_size, cfg.codebook_embed_dim):
+      lines.append(
+        f"  the checkpoint's codebook is {tuple(np.shape(emb))}: set codebook_size and "
+        "codebook_embed_dim to match."
+      )
+    raise ValueError("\n".join(lines))
+  params: dict[str, Any] = {}
+  for path, value in got.items():
+    node = params
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return params

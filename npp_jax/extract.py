@@ -1,0 +1,253 @@
+"""`--config.mode=extract`: tokenize an image dataset into the trainer's ArrayRecord shards.
+
+Sources: an ImageFolder directory (`root/<class>/<image>`, classes sorted by name ->
+labels 0..C-1; read with PIL) or tfds `imagenet2012` (the `data` extra). Every image
+becomes one record holding the codes of all its variants (ten-crop, or center + mirror)
+and its label. Shard k holds images [k*R, (k+1)*R) of the sorted list; each host
+encodes its own shards on its local devices, each shard is written under a temporary
+name and renamed when complete, so an interrupted job resumes with the shards it has.
+Unreadable images are skipped and listed in `extract_report.json`.
+"""
+
+import concurrent.futures
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from npp_jax import tokenizers
+from npp_jax.data import preprocess
+from npp_jax.data.records import DatasetInfo, encode_record
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+
+
+def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+  """([(path, label)] sorted, class names) of an ImageFolder tree."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder {root} does not exist.")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not classes:
+    raise ValueError(f"{root} has no class sub-directories (expected root/<class>/<image>).")
+  items = []
+  for label, name in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          items.append((os.path.join(dirpath, f), label))
+  return items, classes
+
+
+def tfds_items(name: str, split: str, data_dir: str | None):
+  """[(lazy bytes loader, label)] from tensorflow-datasets, images left encoded."""
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (the optional `data` extra)
+  except ImportError as e:
+    raise ImportError(
+      "reading tfds datasets needs `pip install 'npp_jax[data]'` "
+      "(tensorflow-datasets and tensorflow); or use an ImageFolder."
+    ) from e
+  ds = tfds.load(
+    name,
+    split=split,
+    data_dir=data_dir or None,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
+  records = [(bytes(ex["image"]), int(ex["label"])) for ex in tfds.as_numpy(ds)]
+  info = tfds.builder(name, data_dir=data_dir or None).info
+  return records, list(info.features["label"].names)
+
+
+class Encoder:
+  """Encodes fixed-size batches of variants on this host's devices (batch axis split)."""
+
+  def __init__(self, tokenizer: tokenizers.VQTokenizer, batch: int):
+    devices = jax.local_devices()
+    self.batch = batch + (-batch) % len(devices)
+    self.mesh = Mesh(np.asarray(devices), ("data",))
+    self.sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.tok = tokenizer
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), self.batch):
+      chunk = images[i : i + self.batch]
+      pad = self.batch - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      codes = self.tok.encode(jax.device_put(jnp.asarray(chunk), self.sharding))
+      out.append(np.asarray(codes)[: self.batch - pad])
+    return np.concatenate(out).reshape(len(images), -1)
+
+
+def _load(item, image_size, ten_crop, crop_range):
+  data, label = item
+  img = preprocess.open_image(data)
+  return preprocess.variants(img, image_size, ten_crop, crop_range), label
+
+
+def write_shard(
+  path: str,
+  items: list,
+  encode: Callable[[np.ndarray], np.ndarray],
+  image_size: int,
+  ten_crop: bool,
+  crop_range: float,
+  pool,
+  on_image: Callable[[], None],
+) -> dict:
+  """Encodes `items` into one ArrayRecord shard; returns {"count", "skipped": [...]}."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+  skipped, loaded = [], []
+  futures = [pool.submit(_load, it, image_size, ten_crop, crop_range) for it in items]
+  for item, fut in zip(items, futures, strict=True):
+    try:
+      loaded.append(fut.result())
+    except ValueError as e:
+      name = item[0] if isinstance(item[0], str) else f"record with label {item[1]}"
+      skipped.append({"image": name, "error": str(e)})
+      log.warning("skipping %s: %s", name, e)
+    on_image()
+  tmp = path + ".tmp"
+  writer = ArrayRecordWriter(tmp, "group_size:1")
+  if loaded:
+    n_aug = loaded[0][0].shape[0]
+    codes = encode(np.concatenate([v for v, _ in loaded]))
+    codes = codes.reshape(len(loaded), n_aug, -1)
+    for (_, label), c in zip(loaded, codes, strict=True):
+      writer.write(encode_record(c, label))
+  writer.close()
+  os.replace(tmp, path)
+  meta = {"count": len(loaded), "skipped": skipped}
+  with open(path + ".json", "w") as f:
+    json.dump(meta, f)
+  return meta
+
+
+def _shards(n: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
+  for k, start in enumerate(range(0, n, per_shard)):
+    yield k, start, min(start + per_shard, n)
+
+
+def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Extracts codes per `config.extract`; returns the dataset directory and the report."""
+  e = c.extract
+  out_dir = os.path.abspath(e.out_dir or os.path.join(workdir, "codes"))
+  os.makedirs(out_dir, exist_ok=True)
+  vq_cfg, vq_params = tokenizers.load_vq(c)
+  grid = e.image_size // vq_cfg.downsample
+  if e.image_size % vq_cfg.downsample:
+    raise ValueError(
+      f"extract.image_size={e.image_size} is not a multiple of the tokenizer's "
+      f"downsampling factor {vq_cfg.downsample}."
+    )
+  if grid != c.model.grid:
+    log.warning(
+      "extracting at %d px gives a %dx%d token grid but config.model.grid is %d (%d px): train "
+      "at the size you extract at (--config.model.grid=%d); the reference README extracts at "
+      "384 but trains at 256.",
+      e.image_size,
+      grid,
+      grid,
+      c.model.grid,
+      c.model.grid * vq_cfg.downsample,
+      grid,
+    )
+  if e.source == "imagefolder":
+    items, classes = image_folder(e.data_dir)
+  elif e.source == "tfds":
+    items, classes = tfds_items(e.tfds_name, e.split, e.data_dir)
+  else:
+    raise ValueError(f"extract.source={e.source!r}; use 'imagefolder' or 'tfds'.")
+  if len(classes) > c.model.num_classes:
+    log.warning(
+      "the dataset has %d classes but config.model.num_classes is %d.",
+      len(classes),
+      c.model.num_classes,
+    )
+  encode = Encoder(tokenizers.VQTokenizer(vq_cfg, vq_params), e.batch_size)
+  shards = list(_shards(len(items), e.images_per_shard))
+  host, hosts = jax.process_index(), jax.process_count()
+  mine = [s for s in shards if s[0] % hosts == host]
+  todo = [s for s in mine if not os.path.exists(_shard_path(out_dir, s[0]) + ".json")]
+  if len(todo) < len(mine):
+    log.info("resuming: %d of %d shards already written", len(mine) - len(todo), len(mine))
+  from tqdm import tqdm  # noqa: PLC0415
+
+  total = sum(b - a for _, a, b in todo)
+  bar = tqdm(total=total, desc="extracting", unit="img", disable=host != 0)
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(max(1, e.num_workers)) as pool:
+    for k, a, b in todo:
+      write_shard(
+        _shard_path(out_dir, k),
+        items[a:b],
+        encode,
+        e.image_size,
+        e.ten_crop,
+        e.crop_range,
+        pool,
+        lambda: bar.update(1),
+      )
+      bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.1f}")
+  bar.close()
+  if hosts > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices("extract shards written")
+  report = _finish(out_dir, shards, classes, vq_cfg, e, grid) if host == 0 else {}
+  return {"dataset": out_dir, **report}
+
+
+def _shard_path(out_dir: str, k: int) -> str:
+  return os.path.join(out_dir, f"train-{k:05d}.array_record")
+
+
+def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
+  names, sizes, skipped = [], [], []
+  for k, _, _ in shards:
+    with open(_shard_path(out_dir, k) + ".json") as f:
+      meta = json.load(f)
+    names.append(os.path.basename(_shard_path(out_dir, k)))
+    sizes.append(meta["count"])
+    skipped += meta["skipped"]
+  info = DatasetInfo(
+    num_records=sum(sizes),
+    grid=grid,
+    vocab_size=vq_cfg.codebook_size,
+    num_classes=len(classes),
+    n_aug=10 if e.ten_crop else 2,
+    image_size=e.image_size,
+    tokenizer="vq",
+    shards=tuple(names),
+    shard_sizes=tuple(sizes),
+  )
+  info.save(out_dir)
+  report = {
+    "images": sum(sizes),
+    "skipped": len(skipped),
+    "skipped_images": skipped,
+    "classes": len(classes),
+  }
+  with open(os.path.join(out_dir, "extract_report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  log.info(
+    "extracted %d images into %d shards in %s; skipped %d unreadable images (listed in "
+    "extract_report.json)",
+    report["images"],
+    len(names),
+    out_dir,
+    len(skipped),
+  )
+  return report

@@ -1,0 +1,133 @@
+"""ImageFolder -> extract -> the trainer's input pipeline; corrupt images; resuming."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npp_jax import config_lib, extract, tokenizers, train
+from npp_jax.data import pipeline, preprocess
+from npp_jax.data.records import DatasetInfo
+
+from .manifest_weights import generate
+
+
+@pytest.fixture()
+def folder(tmp_path):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "images"
+  for k, name in enumerate(["cat", "dog", "owl"]):
+    (root / name).mkdir(parents=True)
+    for i in range(5):
+      h, w = 70 + 10 * i, 100 - 5 * i
+      arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+      arr[..., k] = 255  # a class-dependent colour
+      ext = "png" if i % 2 else "jpg"
+      Image.fromarray(arr).save(root / name / f"img{i}.{ext}")
+  (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+  (root / "dog" / "notes.txt").write_text("not an image")
+  return root
+
+
+def _config(tmp_path, folder):
+  sd = generate(os.path.join(os.path.dirname(__file__), "golden", "vq_tiny_manifest.json"))
+  np.savez(tmp_path / "vq.npz", **sd)
+  c = config_lib.get_config("tiny")
+  c.model.update(
+    vocab_size=64, num_classes=3, grid=4, dim=32, n_head=2, multiple_of=32, dtype="float32"
+  )
+  c.tokenizer.update(name="vq16", checkpoint=str(tmp_path / "vq.npz"))
+  c.tokenizer.preset = "VQ-16"
+  c.extract.update(
+    data_dir=str(folder),
+    image_size=64,
+    images_per_shard=4,
+    batch_size=16,
+    out_dir=str(tmp_path / "codes"),
+    num_workers=2,
+  )
+  return c
+
+
+@pytest.fixture()
+def vq_width(monkeypatch):
+  """The golden tokenizer is VQ-16 at width 32: make that the preset's width for these tests."""
+  real = tokenizers.vq_config
+
+  def narrow(c):
+    cfg = real(c)
+    return cfg.__class__(**{**cfg.__dict__, "ch": 32, "z_channels": 64})
+
+  monkeypatch.setattr(tokenizers, "vq_config", narrow)
+
+
+def test_extract_folder_into_training_shards(tmp_path, folder, vq_width, caplog):
+  c = _config(tmp_path, folder)
+  with caplog.at_level(logging.WARNING):
+    report = extract.run(c, str(tmp_path / "wd"))
+  assert report["images"] == 15 and report["skipped"] == 1
+  assert report["skipped_images"][0]["image"].endswith("dog/broken.jpg")
+  assert "unreadable image" in report["skipped_images"][0]["error"]
+  info = DatasetInfo.load(report["dataset"])
+  assert (
+    info.num_records,
+    info.grid,
+    info.vocab_size,
+    info.num_classes,
+    info.n_aug,
+    info.image_size,
+  ) == (15, 4, 64, 3, 10, 64)
+  assert info.shard_sizes == (4, 3, 4, 4)  # the broken image was in the second shard
+  src = pipeline.TokenSource(report["dataset"], 64, 3, 4)
+  labels = [int(src[i]["label"]) for i in range(15)]
+  assert labels == [0] * 5 + [1] * 5 + [2] * 5
+  # Codes equal a direct encode of the ten crops of the first image.
+  tok = tokenizers.VQTokenizer(*tokenizers.load_vq(c))
+  crops = preprocess.variants(Image.open(folder / "cat" / "img0.jpg"), 64, True, 1.1)
+  want = np.asarray(tok.encode(crops)).reshape(10, 16)
+  np.testing.assert_array_equal(src[0]["codes"], want)
+  assert not np.array_equal(want[0], want[5]), "mirrored crops differ"
+  # ... and they feed the trainer's pipeline.
+  c.data.path = report["dataset"]
+  c.train.update(global_batch_size=8, epochs=4, patch_level=2, epoch_rate=0.5)
+  trainer = train.Trainer(c, str(tmp_path / "train"))
+  batch = next(trainer.data_iter)
+  assert batch["tokens"].shape == (8, 16) and batch["label"].shape == (8,)
+
+
+def test_extract_resumes_with_identical_shards(tmp_path, folder, vq_width):
+  c = _config(tmp_path, folder)
+  c.extract.ten_crop = False
+  first = extract.run(c, str(tmp_path / "wd"))
+  out = first["dataset"]
+  files = sorted(f for f in os.listdir(out) if f.endswith(".array_record"))
+  data = {}
+  for f in files:
+    with open(os.path.join(out, f), "rb") as fh:
+      data[f] = fh.read()
+  stamp = os.path.getmtime(os.path.join(out, files[0]))
+  os.remove(os.path.join(out, files[2]))
+  os.remove(os.path.join(out, files[2] + ".json"))
+  again = extract.run(c, str(tmp_path / "wd"))
+  assert again["images"] == 15 and DatasetInfo.load(out).n_aug == 2
+  assert os.path.getmtime(os.path.join(out, files[0])) == stamp, "finished shards are kept"
+  for f in files:
+    with open(os.path.join(out, f), "rb") as fh:
+      assert fh.read() == data[f], f
+
+
+def test_extract_warns_about_size_and_checks_inputs(tmp_path, folder, vq_width, caplog):
+  c = _config(tmp_path, folder)
+  c.extract.image_size = 128
+  c.extract.images_per_shard = 100
+  with caplog.at_level(logging.WARNING):
+    extract.run(c, str(tmp_path / "wd"))
+  assert "train at the size you extract at" in caplog.text
+  c.extract.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    extract.run(c, str(tmp_path / "wd2"))
+  c.extract.update(data_dir=str(folder), image_size=72)
+  with pytest.raises(ValueError, match="not a multiple of the tokenizer's downsampling factor 16"):
+    extract.run(c, str(tmp_path / "wd3"))
