@@ -32,10 +32,12 @@ test: lint
 test-fast: install
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 -m "not slow"
 
-# Train through every NPP stage, then sample: WORKDIR/samples.png and an ADM-format npz.
+# Train through every NPP stage, sample (WORKDIR/samples.png and an ADM-format npz), then
+# score the samples with a digit classifier (WORKDIR/eval.json).
 demo: install
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR)
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) --config.mode=sample
+	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) --config.mode=eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
   c.optim.warmup_epochs = 0.5
   c.tokenizer.name = "grey"
+  c.eval.kind = "mnist_classifier"
   c.sample.cfg_scale = 2.0
   c.sample.num_images = 200
   c.sample.batch_size = 100

@@ -104,6 +104,15 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.sample.png_per_class = 8
   c.sample.png_scale = 1
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.kind = "inception"  # "mnist_classifier" for the embedded demo
+  c.eval.samples = ""  # sample batch .npz (default: newest WORKDIR/samples/samples_*.npz)
+  c.eval.reference = ""  # ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
+  c.eval.inception_checkpoint = ""  # pt_inception-2015-12-05-6726825d.pth (given by path)
+  c.eval.preprocess = "adm"  # "adm" reproduces the published numbers; or "pytorch_fid"
+  c.eval.batch_size = 500
+  c.eval.is_split_size = 5000
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1

@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_AVAILABLE = {"train", "sample", "extract"}
+_AVAILABLE = {"train", "sample", "extract", "eval"}
 log = logging.getLogger("npp_jax.main")
 
 
@@ -49,6 +49,11 @@ def main(argv):
 
     out = sample_job.run(c, workdir)
     log.info("samples: %s", out)
+  elif c.mode == "eval":
+    from npp_jax import evaluate  # noqa: PLC0415
+
+    out = evaluate.run(c, workdir)
+    log.info("eval: %s", out)
   elif c.mode == "extract":
     from npp_jax import extract  # noqa: PLC0415
 
