@@ -4,6 +4,8 @@ sample: images/s and ms per token step of `sample.generate` with guidance, after
         `--max-batch` also searches the largest batch that fits (doubling until OOM).
 train:  ms per train step and images/s for one NPP stage (`--patch-side`).
 tokenizer: VQ-16 encode and decode images/s at `--image-size` (256).
+eval:   FID Inception feature extraction images/s (256 px uint8 -> 299, ADM preprocessing);
+        the issue's reference point is `--batch 500`.
 Each result is printed as one JSON line; record them in BENCHMARKS.md.
 """
 
@@ -168,6 +170,30 @@ def bench_tokenizer(batch: int, image_size: int, repeats: int, preset: str = "VQ
   return out
 
 
+def bench_eval(batch: int, repeats: int, mesh, preprocess: str = "adm") -> dict:
+  from npp_jax import convert_inception, evaluate  # noqa: PLC0415
+
+  abstract = convert_inception.abstract_variables()
+  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
+  variables = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(keys), a.shape), abstract)
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  extract = evaluate.FeatureExtractor(variables, preprocess, batch, mesh)
+  images = np.random.default_rng(0).integers(0, 256, (extract.batch, 256, 256, 3), np.uint8)
+  list(extract(images, "warm-up"))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    list(extract(images, "bench"))
+  t = (time.perf_counter() - t0) / repeats
+  return {
+    "bench": "eval",
+    "batch": extract.batch,
+    "image_size": 256,
+    "preprocess": preprocess,
+    "images_per_sec": round(extract.batch / t, 1),
+    "device": _device(),
+  }
+
+
 def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
 
@@ -178,7 +204,7 @@ def main(argv=None) -> int:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("what", choices=["sample", "train", "tokenizer"])
+  p.add_argument("what", choices=["sample", "train", "tokenizer", "eval"])
   p.add_argument("--config", default="configs/b.py")
   p.add_argument("--image-size", type=int, default=256, help="tokenizer benchmark resolution")
   p.add_argument("--batch", type=int, default=32)
@@ -187,6 +213,10 @@ def main(argv=None) -> int:
   p.add_argument("--max-batch", action="store_true", help="also find the largest batch (sample)")
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
   args = p.parse_args(argv)
+  if args.what == "eval":
+    mesh = sharding.make_mesh({"data": -1})
+    print(json.dumps(bench_eval(args.batch, args.repeats, mesh)), flush=True)
+    return 0
   if args.what == "tokenizer":
     print(json.dumps(bench_tokenizer(args.batch, args.image_size, args.repeats)), flush=True)
     return 0

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from npp_jax import convert, convert_inception, metrics_fid, sharding
 from npp_jax.models import inception
@@ -83,6 +84,8 @@ class FeatureExtractor:
       if n < self.batch:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
       out = self._fn(self.variables, jax.device_put(jnp.asarray(chunk), self._sharding))
+      if jax.process_count() > 1:  # every host gets the whole batch's features
+        out = multihost_utils.process_allgather(out, tiled=True)
       yield tuple(np.asarray(o)[:n] for o in out)
 
 

@@ -1,8 +1,9 @@
 """`--config.mode=sample`: a PNG grid per class and an ADM-format `.npz` of N samples.
 
 Weights come from `config.sample.checkpoint`: empty -> the newest training checkpoint of
-the workdir (EMA weights when the run kept them and `sample.use_ema`), or an orbax params
-directory from `python -m npp_jax.convert`, or a `.pt`/`.npz`/`.safetensors` file.
+the workdir (EMA weights when the run kept them and `sample.use_ema`), or, when the
+workdir has none, `config.train.init_from`; or an orbax params directory from
+`python -m npp_jax.convert`, or a `.pt`/`.npz`/`.safetensors` file.
 
 Batches are written as `WORKDIR/samples/parts/part-XXXXX.npz` as they finish, so a
 crashed job resumes without redoing them; the final `samples_N.npz` holds `arr_0`
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 def load_sampling_params(c: ml_collections.ConfigDict, workdir: str, cfg: GPTConfig) -> Any:
   """Params to sample from, per `config.sample.checkpoint` (see module docstring)."""
   source = c.sample.checkpoint
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not source and c.train.init_from and not _has_steps(directory):
+    source = c.train.init_from  # a converted release (or a .pt file) and no training yet
   if not source:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     with ocp.CheckpointManager(directory, item_names=("state",)) as mngr:
       step = mngr.latest_step()
       if step is None:
@@ -48,6 +51,10 @@ def load_sampling_params(c: ml_collections.ConfigDict, workdir: str, cfg: GPTCon
   if os.path.isdir(source):
     return checkpoint_io.load_params(source, cfg)
   return convert.gpt_params_from_torch(convert.load_torch_checkpoint(source), cfg)
+
+
+def _has_steps(directory: str) -> bool:
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
 def _labels(c: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
