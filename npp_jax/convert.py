@@ -203,21 +203,30 @@ def check_gpt_state_dict(sd: Mapping[str, Any], cfg: GPTConfig) -> None:
   )
   if not (missing or unexpected or bad):
     return
+  guess = infer_gpt_config(sd, cfg)
+  hint = f"the checkpoint looks like: {_describe(guess)}" if guess and guess != cfg else ""
+  raise mismatch_error(f"the model ({_describe(cfg)})", missing, unexpected, bad, hint)
+
+
+def mismatch_error(
+  what: str, missing: list[str], unexpected: list[str], bad: list[str], hint: str = ""
+) -> ValueError:
+  """One ValueError listing (the first few of) every missing, unexpected, mis-shaped tensor."""
 
   def short(items):
     return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
 
-  lines = [f"checkpoint does not fit the model ({_describe(cfg)}):"]
-  if missing:
-    lines.append(f"  missing: {short(missing)}")
-  if unexpected:
-    lines.append(f"  unexpected: {short(unexpected)}")
-  if bad:
-    lines.append(f"  wrong shape: {short(bad)}")
-  guess = infer_gpt_config(sd, cfg)
-  if guess is not None and guess != cfg:
-    lines.append(f"  the checkpoint looks like: {_describe(guess)}")
-  raise ValueError("\n".join(lines))
+  lines = [f"checkpoint does not fit {what}:"]
+  for label, items in (
+    ("missing", missing),
+    ("unexpected", sorted(unexpected)),
+    ("wrong shape", bad),
+  ):
+    if items:
+      lines.append(f"  {label}: {short(items)}")
+  if hint:
+    lines.append(f"  {hint}")
+  return ValueError("\n".join(lines))
 
 
 def gpt_params_from_torch(sd: Mapping[str, Any], cfg: GPTConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npp_jax.convert import mismatch_error
 from npp_jax.models.inception import InceptionV3
 
 
@@ -64,19 +65,7 @@ def inception_variables_from_torch(sd: Mapping[str, Any]) -> dict[str, Any]:
     if got[k].shape != want[k]
   )
   if missing or unexpected or bad:
-    lines = ["checkpoint does not fit the FID InceptionV3 (pt_inception-2015-12-05):"]
-    for label, items in (
-      ("missing", missing),
-      ("unexpected", sorted(unexpected)),
-      ("wrong shape", bad),
-    ):
-      if items:
-        lines.append(
-          f"  {label}: "
-          + ", ".join(items[:6])
-          + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
-        )
-    raise ValueError("\n".join(lines))
+    raise mismatch_error("the FID InceptionV3 (pt_inception-2015-12-05)", missing, unexpected, bad)
   out: dict[str, Any] = {}
   for (col, path), value in got.items():
     node = out.setdefault(col, {})

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npp_jax.convert import mismatch_error
 from npp_jax.models.vqgan import VQConfig, VQModel
 
 # Buffers of the reference that are not parameters (codebook usage statistics).
@@ -68,28 +69,18 @@ def vq_params_from_torch(sd: Mapping[str, Any], cfg: VQConfig) -> dict[str, Any]
     if got[p].shape != want[p]
   )
   if missing or unexpected or bad:
-    lines = [
-      f"checkpoint does not fit the VQ tokenizer (ch={cfg.ch}, ch_mult={cfg.ch_mult}, "
-      f"z_channels={cfg.z_channels}, codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}):"
-    ]
-    for label, items in (
-      ("missing", missing),
-      ("unexpected", sorted(unexpected)),
-      ("wrong shape", bad),
-    ):
-      if items:
-        lines.append(
-          f"  {label}: "
-          + ", ".join(items[:6])
-          + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
-        )
     emb = sd.get("quantize.embedding.weight")
+    hint = ""
     if emb is not None and tuple(np.shape(emb)) != (cfg.codebook_size, cfg.codebook_embed_dim):
-      lines.append(
-        f"  the checkpoint's codebook is {tuple(np.shape(emb))}: set codebook_size and "
+      hint = (
+        f"the checkpoint's codebook is {tuple(np.shape(emb))}: set codebook_size and "
         "codebook_embed_dim to match."
       )
-    raise ValueError("\n".join(lines))
+    what = (
+      f"the VQ tokenizer (ch={cfg.ch}, ch_mult={cfg.ch_mult}, z_channels={cfg.z_channels}, "
+      f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim})"
+    )
+    raise mismatch_error(what, missing, unexpected, bad, hint)
   params: dict[str, Any] = {}
   for path, value in got.items():
     node = params

@@ -7,6 +7,7 @@ sharded over the devices, and writes WORKDIR/eval.json. Reference features are c
 WORKDIR/eval_cache so a second evaluation against the same batch skips them.
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -53,6 +54,18 @@ def load_npz(path: str, what: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{what} {path} is not a readable .npz ({e}).") from e
 
 
+@functools.cache
+def _features_fn(preprocess: str):
+  """One jitted feature function per preprocessing, shared by every extractor."""
+  pre = _PREPROCESS[preprocess]
+
+  def features(v, images):
+    out = inception.InceptionV3().apply(v, pre(images))
+    return out["pool3"], out["sfid_spatial"], out["logits_nobias"]
+
+  return jax.jit(features)
+
+
 class FeatureExtractor:
   """pool3 (2048), sFID spatial (2023) and bias-free logits (1008) for uint8 image batches."""
 
@@ -63,13 +76,7 @@ class FeatureExtractor:
     dp = sharding.data_parallel_size(self.mesh)
     self.batch = batch + (-batch) % dp
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
-    pre = _PREPROCESS[preprocess]
-
-    def features(v, images):
-      out = inception.InceptionV3().apply(v, pre(images))
-      return out["pool3"], out["sfid_spatial"], out["logits_nobias"]
-
-    self._fn = jax.jit(features)
+    self._fn = _features_fn(preprocess)
     self._sharding = sharding.batch_sharding(self.mesh)
 
   def __call__(self, images: np.ndarray, desc: str = "features"):

@@ -6,15 +6,23 @@ import sys
 
 
 def _bench(*args):
-  res = subprocess.run([sys.executable, "-m", "npp_jax.bench", *args], capture_output=True,
-                       text=True, timeout=600)
+  res = subprocess.run(
+    [sys.executable, "-m", "npp_jax.bench", *args], capture_output=True, text=True, timeout=600
+  )
   assert res.returncode == 0, res.stderr
   return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
 def test_bench_train_and_sample():
-  (row,) = _bench("train", "--config=configs/tiny.py", "--batch=8", "--patch-side=2",
-                  "--repeats=1", "--set", "model.dtype=float32")
+  (row,) = _bench(
+    "train",
+    "--config=configs/tiny.py",
+    "--batch=8",
+    "--patch-side=2",
+    "--repeats=1",
+    "--set",
+    "model.dtype=float32",
+  )
   assert row["seq_len"] == 16 and row["ms_per_step"] > 0
   (row,) = _bench("sample", "--config=configs/tiny.py", "--batch=8", "--repeats=1")
   assert row["images_per_sec"] > 0 and row["cfg_scale"] == 1.5
