@@ -47,25 +47,41 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   return items, classes
 
 
-def tfds_items(name: str, split: str, data_dir: str | None):
-  """[(lazy bytes loader, label)] from tensorflow-datasets, images left encoded."""
-  try:
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (the optional `data` extra)
-  except ImportError as e:
-    raise ImportError(
-      "reading tfds datasets needs `pip install 'npp_jax[data]'` "
-      "(tensorflow-datasets and tensorflow); or use an ImageFolder."
-    ) from e
-  ds = tfds.load(
-    name,
-    split=split,
-    data_dir=data_dir or None,
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-  )
-  records = [(bytes(ex["image"]), int(ex["label"])) for ex in tfds.as_numpy(ds)]
-  info = tfds.builder(name, data_dir=data_dir or None).info
-  return records, list(info.features["label"].names)
+class TfdsItems:
+  """Lazy (encoded image bytes, label) pairs of a tfds split, read by random access.
+
+  Nothing is held in memory beyond the shard being encoded. Needs the dataset prepared in
+  tfds's random-access `array_record` format (`tfds build imagenet2012
+  --file_format=array_record`).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    try:
+      import tensorflow_datasets as tfds  # noqa: PLC0415 (the optional `data` extra)
+    except ImportError as e:
+      raise ImportError(
+        "reading tfds datasets needs `pip install 'npp_jax[data]'` "
+        "(tensorflow-datasets and tensorflow); or use an ImageFolder."
+      ) from e
+    try:
+      self.source = tfds.data_source(
+        name, split=split, data_dir=data_dir or None, decoders={"image": tfds.decode.SkipDecoding()}
+      )
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(
+        f"tfds {name}:{split} cannot be read by random access ({e}); prepare it "
+        f"with `tfds build {name} --file_format=array_record` or extract from an "
+        "ImageFolder instead."
+      ) from e
+    info = tfds.builder(name, data_dir=data_dir or None).info
+    self.classes = list(info.features["label"].names)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: slice) -> list[tuple[bytes, int]]:
+    rows = [self.source[i] for i in range(*index.indices(len(self)))]
+    return [(bytes(r["image"]), int(r["label"])) for r in rows]
 
 
 class Encoder:
@@ -167,7 +183,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   if e.source == "imagefolder":
     items, classes = image_folder(e.data_dir)
   elif e.source == "tfds":
-    items, classes = tfds_items(e.tfds_name, e.split, e.data_dir)
+    items = TfdsItems(e.tfds_name, e.split, e.data_dir)
+    classes = items.classes
   else:
     raise ValueError(f"extract.source={e.source!r}; use 'imagefolder' or 'tfds'.")
   if len(classes) > c.model.num_classes:

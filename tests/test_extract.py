@@ -131,3 +131,20 @@ def test_extract_warns_about_size_and_checks_inputs(tmp_path, folder, vq_width, 
   c.extract.update(data_dir=str(folder), image_size=72)
   with pytest.raises(ValueError, match="not a multiple of the tokenizer's downsampling factor 16"):
     extract.run(c, str(tmp_path / "wd3"))
+
+
+def test_tfds_source_without_tensorflow_names_the_extra(tmp_path, folder, vq_width, monkeypatch):
+  import builtins
+
+  real_import = builtins.__import__
+
+  def no_tfds(name, *args, **kwargs):
+    if name == "tensorflow_datasets":
+      raise ImportError("No module named 'tensorflow_datasets'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_tfds)
+  c = _config(tmp_path, folder)
+  c.extract.source = "tfds"
+  with pytest.raises(ImportError, match=r"npp_jax\[data\]"):
+    extract.run(c, str(tmp_path / "wd"))
