@@ -39,8 +39,8 @@ def _config(inception_npz, samples, reference, **eval_overrides):
 
 
 def test_eval_end_to_end(tmp_path, inception_npz):
-  np.savez(tmp_path / "samples.npz", arr_0=_images(10, 0), labels=np.arange(10))
-  np.savez(tmp_path / "ref.npz", arr_0=_images(12, 1))
+  np.savez(tmp_path / "samples.npz", arr_0=_images(8, 0), labels=np.arange(8))
+  np.savez(tmp_path / "ref.npz", arr_0=_images(8, 1))
   c = _config(inception_npz, tmp_path / "samples.npz", tmp_path / "ref.npz")
   result = evaluate.run(c, str(tmp_path))
   for key in ("fid", "sfid", "inception_score", "precision", "recall"):
