@@ -13,7 +13,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from npp_jax import checkpoint, checkpoint_io, config_lib, metrics, npp, sharding, train_step
+from npp_jax import (
+  checkpoint,
+  checkpoint_io,
+  config_lib,
+  metrics,
+  npp,
+  preemption,
+  sharding,
+  train_step,
+)
 from npp_jax.data import mnist, pipeline
 from npp_jax.data.records import DatasetInfo
 from npp_jax.models.gpt import GPTConfig
@@ -265,6 +274,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   last_metrics: dict[str, Any] = {}
   gb = c.train.global_batch_size
   step = start
+  guard = preemption.PreemptionGuard().__enter__()  # restored in the finally below
+  stopped = None
   try:
     for step in range(start, plan.total_steps):
       stage = plan.stage(step)
@@ -303,7 +314,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           metrics.format_duration(rates["eta_sec"]),
         )
       boundary = done in plan.stage_end_steps or done == plan.total_steps
-      if boundary or done % c.train.ckpt_every_steps == 0:
+      stop = guard.should_stop(done)
+      if boundary or stop or done % c.train.ckpt_every_steps == 0:
         _check_finite(pending, trainer.workdir, last_saved)
         next_stage = plan.stage(done) if done < plan.total_steps else stage
         ckpt.save(
@@ -319,8 +331,20 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           },
         )
         last_saved = done
+      if stop:
+        stopped = guard.received
+        log.warning(
+          "stopped by %s at step %d/%d; checkpoint saved in %s/checkpoints: run the "
+          "same command to resume",
+          stopped,
+          done,
+          plan.total_steps,
+          trainer.workdir,
+        )
+        break
     _check_finite(pending, trainer.workdir, last_saved)
   finally:
+    guard.__exit__(None, None, None)
     ckpt.close()
     writer.close()
   return {
@@ -330,6 +354,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     "state": state,
     "plan": plan,
     "resumed_from": start if restored is not None else None,
+    "stopped_by": stopped,
   }
 
 

@@ -74,3 +74,35 @@ def test_sigkill_and_restart_is_exact(tmp_path):
   want, got = _losses(tmp_path / "full"), _losses(victim_dir)
   assert [s for s, _, _ in got] == list(range(1, 97))
   assert got == want, "bitwise-identical losses, step for step"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path):
+  data = tmp_path / "data"
+  write_random_dataset(data, n=96)
+  config = _config_file(tmp_path, data)
+  full = _run(config, tmp_path / "full")
+  assert full.wait(timeout=600) == 0
+  victim_dir = tmp_path / "victim"
+  victim = _run(config, victim_dir)
+  deadline = time.time() + 600
+  while time.time() < deadline and victim.poll() is None:
+    rows = len(_losses(victim_dir)) if (victim_dir / "metrics.jsonl").exists() else 0
+    if rows >= 30:
+      break
+    time.sleep(0.01)
+  os.kill(victim.pid, signal.SIGTERM)
+  out, _ = victim.communicate(timeout=600)
+  assert victim.returncode == 0, out
+  assert "stopped by SIGTERM at step" in out
+  stopped_at = len(_losses(victim_dir))
+  assert 30 <= stopped_at < 96
+  saved = [int(x) for x in os.listdir(victim_dir / "checkpoints") if x.isdigit()]
+  assert max(saved) == stopped_at, (
+    "a checkpoint at the step where it stopped, not the last periodic"
+  )
+  again = _run(config, victim_dir)
+  out, _ = again.communicate(timeout=600)
+  assert again.returncode == 0, out
+  assert f"resumed from step {stopped_at}" in out
+  assert _losses(victim_dir) == _losses(tmp_path / "full")
