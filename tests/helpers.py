@@ -53,3 +53,31 @@ def tiny_config(data_dir, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def convert_tiny_vq(tmp_path, golden_dir):
+  """The golden vq_tiny weights through `python -m npp_jax.convert vq`; returns the directory."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from .manifest_weights import generate  # noqa: PLC0415
+
+  np.savez(tmp_path / "vq.npz", **generate(golden_dir / "vq_tiny_manifest.json"))
+  out = tmp_path / "vq"
+  cmd = [
+    sys.executable,
+    "-m",
+    "npp_jax.convert",
+    "vq",
+    "--checkpoint",
+    str(tmp_path / "vq.npz"),
+    "--out",
+    str(out),
+    "--set",
+    "ch=32",
+    "z_channels=64",
+    "codebook_size=64",
+  ]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  return out

@@ -1,8 +1,6 @@
 """`mode=sample`: PNG grid, ADM-format npz, resume without redoing batches, weight sources."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from PIL import Image
 from npp_jax import checkpoint_io, convert, sample_job, train
 from npp_jax.models.gpt import GPTConfig
 
-from .helpers import tiny_config, write_random_dataset
+from .helpers import convert_tiny_vq, tiny_config, write_random_dataset
 
 
 def _sample_config(data_dir, **overrides):
@@ -82,35 +80,14 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_sample_decodes_with_the_vq_tokenizer(tmp_path, golden_dir):
   """A GPT over a 4x4 grid of a 64-code VQ tokenizer: samples come out as 64x64 RGB images."""
-  from .manifest_weights import generate
 
-  np.savez(tmp_path / "vq.npz", **generate(golden_dir / "vq_tiny_manifest.json"))
-  res = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "npp_jax.convert",
-      "vq",
-      "--checkpoint",
-      str(tmp_path / "vq.npz"),
-      "--out",
-      str(tmp_path / "vq"),
-      "--set",
-      "ch=32",
-      "z_channels=64",
-      "codebook_size=64",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert res.returncode == 0, res.stderr
+  vq_dir = convert_tiny_vq(tmp_path, golden_dir)
   data = tmp_path / "data"
   write_random_dataset(data, grid=4)
   c = _sample_config(data)
   c.model.grid = 4
   c.train.patch_level = 2
-  c.tokenizer.update(name="vq16", checkpoint=str(tmp_path / "vq"))
+  c.tokenizer.update(name="vq16", checkpoint=str(vq_dir))
   c.sample.num_images = 8
   train.train_and_evaluate(c, str(tmp_path / "wd"))
   out = sample_job.run(c, str(tmp_path / "wd"))

@@ -1,8 +1,6 @@
 """The VQ tokenizer: golden parity, the converter and its errors, decoding samples with it."""
 
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 from npp_jax import convert_vq, tokenizers
 from npp_jax.models.vqgan import VQConfig, VQModel
 
+from .helpers import convert_tiny_vq
 from .manifest_weights import generate
 
 TINY_VQ = VQConfig.preset("VQ-16", ch=32, z_channels=64, codebook_size=64, codebook_embed_dim=8)
@@ -75,29 +74,8 @@ def test_wrong_size_checkpoint_is_refused(vq_sd):
     VQConfig.preset("VQ-32")
 
 
-def test_cli_and_loader(tmp_path, vq_sd, vq_io):
-  np.savez(tmp_path / "vq.npz", **vq_sd)
-  out = tmp_path / "vq_conv"
-  res = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "npp_jax.convert",
-      "vq",
-      "--checkpoint",
-      str(tmp_path / "vq.npz"),
-      "--out",
-      str(out),
-      "--set",
-      "ch=32",
-      "z_channels=64",
-      "codebook_size=64",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert res.returncode == 0, res.stderr
+def test_cli_and_loader(tmp_path, golden_dir, vq_sd, vq_io):
+  out = convert_tiny_vq(tmp_path, golden_dir)
   assert os.path.exists(out / "vq_config.json")
   from npp_jax import config_lib
 
