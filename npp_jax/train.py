@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -365,13 +364,3 @@ def _log_overview(params: Any) -> None:
     log.info("parameters:\n%s", parameter_overview.get_parameter_overview(params))
   except Exception as e:  # noqa: BLE001 (an overview must never stop training)
     log.info("parameter overview unavailable: %s", e)
-
-
-def eval_loss(
-  params: Any, cfg: GPTConfig, tokens: jnp.ndarray, labels: jnp.ndarray, patch_side: int = 1
-) -> float:
-  """Deterministic patch cross-entropy of `params` on a batch (for checks and demos)."""
-  from npp_jax.models.gpt import GPT  # noqa: PLC0415
-
-  logits = GPT(cfg).apply({"params": params}, tokens, labels, patch_side=patch_side)
-  return float(npp.patch_cross_entropy(logits, tokens, cfg.grid, patch_side))
