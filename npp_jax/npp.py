@@ -6,6 +6,7 @@ helpers take Python numbers and return Python values or an optax schedule).
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,15 +84,9 @@ def patch_cross_entropy(
       f"logits {logits.shape} do not fit {targets.shape[1]} patches of side {patch_side} "
       f"on a {grid}x{grid} grid."
     )
-  logp = jax_log_softmax(logits.astype(jnp.float32))
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, targets.astype(jnp.int32), axis=-1)
   return -picked.mean()
-
-
-def jax_log_softmax(x: jnp.ndarray) -> jnp.ndarray:
-  """Numerically stable log-softmax over the last axis (float32 in, float32 out)."""
-  x = x - jnp.max(x, axis=-1, keepdims=True)
-  return x - jnp.log(jnp.sum(jnp.exp(x), axis=-1, keepdims=True))
 
 
 def rope_2d(grid: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1) -> np.ndarray:

@@ -273,79 +273,78 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   last_metrics: dict[str, Any] = {}
   gb = c.train.global_batch_size
   step = start
-  guard = preemption.PreemptionGuard().__enter__()  # restored in the finally below
   stopped = None
-  try:
-    for step in range(start, plan.total_steps):
-      stage = plan.stage(step)
-      side = plan.patch_sides[stage]
-      batch = trainer.global_batch(next(trainer.data_iter))
-      state, m = trainer.step_fn(side, state, batch)(state, batch)
-      pending.append((step + 1, side, m))
-      done = step + 1
-      if done % c.train.log_every_steps == 0 or done == plan.total_steps:
-        _check_finite(pending, trainer.workdir, last_saved)
-        tokens = gb * (cfg.grid // side) ** 2
-        rates = throughput.update(done, gb, tokens)
-        last_metrics = {
-          "loss": float(m["loss"]),
-          "lr": float(m["lr"]),
-          "grad_norm": float(m["grad_norm"]),
-          "patch_side": side,
-          "stage": stage,
-          "epoch": done / plan.steps_per_epoch,
-          **rates,
-        }
-        writer.write(done, last_metrics)
-        log.info(
-          "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
-          "%.2f steps/s %.1f img/s | ETA %s",
-          done,
-          plan.total_steps,
-          stage,
-          side,
-          side,
-          last_metrics["loss"],
-          last_metrics["lr"],
-          last_metrics["grad_norm"],
-          rates["steps_per_sec"],
-          rates["images_per_sec"],
-          metrics.format_duration(rates["eta_sec"]),
-        )
-      boundary = done in plan.stage_end_steps or done == plan.total_steps
-      stop = guard.should_stop(done)
-      if boundary or stop or done % c.train.ckpt_every_steps == 0:
-        _check_finite(pending, trainer.workdir, last_saved)
-        next_stage = plan.stage(done) if done < plan.total_steps else stage
-        ckpt.save(
-          done,
-          state,
-          trainer.data_iter,
-          {
-            "step": done,
-            "stage": next_stage,
-            "patch_side": plan.patch_sides[next_stage],
-            "config": config_dict,
-            "model": cfg.to_dict(),
-          },
-        )
-        last_saved = done
-      if stop:
-        stopped = guard.received
-        log.warning(
-          "stopped by %s at step %d/%d; checkpoint saved in %s/checkpoints: run the "
-          "same command to resume",
-          stopped,
-          done,
-          plan.total_steps,
-          trainer.workdir,
-        )
-        break
-    _check_finite(pending, trainer.workdir, last_saved)
-  finally:
-    guard.__exit__(None, None, None)
-    ckpt.close()
-    writer.close()
+  with preemption.PreemptionGuard() as guard:
+    try:
+      for step in range(start, plan.total_steps):
+        stage = plan.stage(step)
+        side = plan.patch_sides[stage]
+        batch = trainer.global_batch(next(trainer.data_iter))
+        state, m = trainer.step_fn(side, state, batch)(state, batch)
+        pending.append((step + 1, side, m))
+        done = step + 1
+        if done % c.train.log_every_steps == 0 or done == plan.total_steps:
+          _check_finite(pending, trainer.workdir, last_saved)
+          tokens = gb * (cfg.grid // side) ** 2
+          rates = throughput.update(done, gb, tokens)
+          last_metrics = {
+            "loss": float(m["loss"]),
+            "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]),
+            "patch_side": side,
+            "stage": stage,
+            "epoch": done / plan.steps_per_epoch,
+            **rates,
+          }
+          writer.write(done, last_metrics)
+          log.info(
+            "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
+            "%.2f steps/s %.1f img/s | ETA %s",
+            done,
+            plan.total_steps,
+            stage,
+            side,
+            side,
+            last_metrics["loss"],
+            last_metrics["lr"],
+            last_metrics["grad_norm"],
+            rates["steps_per_sec"],
+            rates["images_per_sec"],
+            metrics.format_duration(rates["eta_sec"]),
+          )
+        boundary = done in plan.stage_end_steps or done == plan.total_steps
+        stop = guard.should_stop(done)
+        if boundary or stop or done % c.train.ckpt_every_steps == 0:
+          _check_finite(pending, trainer.workdir, last_saved)
+          next_stage = plan.stage(done) if done < plan.total_steps else stage
+          ckpt.save(
+            done,
+            state,
+            trainer.data_iter,
+            {
+              "step": done,
+              "stage": next_stage,
+              "patch_side": plan.patch_sides[next_stage],
+              "config": config_dict,
+              "model": cfg.to_dict(),
+            },
+          )
+          last_saved = done
+        if stop:
+          stopped = guard.received
+          log.warning(
+            "stopped by %s at step %d/%d; checkpoint saved in %s/checkpoints: run the "
+            "same command to resume",
+            stopped,
+            done,
+            plan.total_steps,
+            trainer.workdir,
+          )
+          break
+      _check_finite(pending, trainer.workdir, last_saved)
+    finally:
+      ckpt.close()
+      writer.close()
   return {
     "step": int(jax.device_get(state.step)),
     "metrics": last_metrics,
