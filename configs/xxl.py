@@ -1,7 +1,16 @@
-"""GPT-XXL with the NPP ImageNet-256 recipe. Point data.path at extracted codes."""
+"""GPT-XXL (1.4B parameters) on ImageNet-256 VQ-16 codes with the NPP recipe.
+
+python -m npp_jax.main --config=configs/xxl.py --workdir=runs/xxl --config.data.path=CODES
+(CODES: a directory written by `--config.mode=extract`, e.g. with configs/extract_256.py).
+"""
 
 from npp_jax import config_lib
 
 
-def get_config(arg=None):
-  return config_lib.get_config("XXL", arg)
+def get_config():
+  c = config_lib.get_config("XXL")
+  # NPP: patch sides 4 -> 2 -> 1, stages ending at epochs 75, 150 and 300.
+  c.train.update(epochs=300, global_batch_size=256, patch_level=3, epoch_rate=0.5)
+  c.optim.update(lr=1e-4, end_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0)
+  c.sample.cfg_scale = 1.65  # the paper's FID setting for GPT-XXL
+  return c

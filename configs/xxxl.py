@@ -1,7 +1,16 @@
-"""GPT-XXXL with the NPP ImageNet-256 recipe. Point data.path at extracted codes."""
+"""GPT-XXXL (3.9B parameters) on ImageNet-256 VQ-16 codes with the NPP recipe.
+
+python -m npp_jax.main --config=configs/xxxl.py --workdir=runs/xxxl --config.data.path=CODES
+(CODES: a directory written by `--config.mode=extract`, e.g. with configs/extract_256.py).
+"""
 
 from npp_jax import config_lib
 
 
-def get_config(arg=None):
-  return config_lib.get_config("XXXL", arg)
+def get_config():
+  c = config_lib.get_config("XXXL")
+  # NPP: patch sides 4 -> 2 -> 1, stages ending at epochs 75, 150 and 300.
+  c.train.update(epochs=300, global_batch_size=256, patch_level=3, epoch_rate=0.5)
+  c.optim.update(lr=1e-4, end_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0)
+  c.sample.cfg_scale = 1.5  # not reported in the paper for this size
+  return c

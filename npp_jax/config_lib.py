@@ -1,39 +1,50 @@
-"""The one config builder that every `configs/*.py` calls.
+"""The one config surface: `get_config(preset)` declares every key the code reads.
 
-`get_config("L")` returns an ml_collections ConfigDict holding every knob of the
-reference training script; override any of them on the command line, e.g.
-`--config.optim.lr=2e-4 --config.train.epochs=100`.
+`configs/*.py` call it and set their recipe; override any key on the command line with
+ml_collections' syntax, e.g. `--config.optim.lr=2e-4 --config.tokenizer.preset=VQ-8`.
+`gpt_config(c)` and `vq_config(c)` turn the ConfigDict into the models' dataclasses.
 """
 
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
-from npp_jax.models.gpt_config import GPTConfig
+from npp_jax.models.gpt_config import PRESETS, GPTConfig
+from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
 
 MODES = ("train", "sample", "eval", "extract")
 # Guidance scales of the NPP paper's FID results, per model size.
 CFG_SCALES = {"B": 2.0, "L": 1.75, "XL": 1.70, "XXL": 1.65}
+# `model.preset` of a model whose shape is not one of the presets.
+CUSTOM = "custom"
+# Fields that decide which preset a model is.
+_SHAPE_FIELDS = ("dim", "n_layer", "n_head")
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   """All GPTConfig fields of a preset, as a ConfigDict (so each can be overridden)."""
   cfg = GPTConfig.preset(preset, **overrides)
-  d = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  fields = dataclasses.asdict(cfg)
+  # Optional fields stay typed, so that the command line can set them.
+  for name, kind in (("n_kv_head", int), ("ffn_dim_multiplier", float)):
+    if fields[name] is None:
+      fields[name] = config_dict.placeholder(kind)
+  d = ml_collections.ConfigDict(fields)
   d.preset = preset
   return d
 
 
-def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.ConfigDict:
-  """Training config for a model size, with the NPP paper's ImageNet-256 recipe.
+def get_config(preset: str = "B") -> ml_collections.ConfigDict:
+  """Every knob of the reference scripts, for a model size (B, L, XL, XXL, XXXL, 3B, tiny).
 
-  Args:
-    preset: model size (B, L, XL, XXL, XXXL, 3B, tiny).
-    arg: optional `key=value,key=value` string (from `--config=configs/l.py:key=value`).
+  The defaults are the NPP paper's ImageNet-256 recipe; `configs/*.py` state theirs.
   """
   c = ml_collections.ConfigDict()
-  c.mode = "train"
+  c.mode = "train"  # one of MODES: which job `python -m npp_jax.main` runs
   c.seed = 0
+  # Call jax.distributed.initialize() first (multi-host); NPP_DISTRIBUTED=1 does the same.
+  c.distributed = False
 
   c.model = model_config(preset)
   # The reference's `--mixed-precision bf16`: params float32, matmuls in bf16.
@@ -42,7 +53,7 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.data = ml_collections.ConfigDict()
   # A directory of ArrayRecord shards written by `mode=extract` (or the mnist cache).
   c.data.path = ""
-  c.data.name = "imagenet_codes"
+  c.data.name = "imagenet_codes"  # or "mnist": the embedded digits, built on first use
   c.data.worker_count = 0  # grain multiprocessing workers; 0 reads in the main process
   c.data.prefetch_buffer_size = 4
   c.data.cache_dir = ""  # where embedded datasets are written (default: WORKDIR/data)
@@ -72,8 +83,14 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.optim.decay_ratio = 0.2
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.name = "vq16"  # "grey" for the embedded demo
+  c.tokenizer.name = "vq"  # LlamaGen's VQ tokenizer; "grey" for the embedded demo
+  c.tokenizer.preset = "VQ-16"  # or "VQ-8"
   c.tokenizer.checkpoint = ""  # vq_ds16_c2i.pt (or its converted directory)
+  c.tokenizer.codebook_embed_dim = 8
+  # Architecture overrides of the preset (None: the preset's value); the codebook size is
+  # always model.vocab_size.
+  c.tokenizer.ch = config_dict.placeholder(int)
+  c.tokenizer.z_channels = config_dict.placeholder(int)
   c.tokenizer.levels = 16  # grey levels (grey tokenizer only)
 
   c.extract = ml_collections.ConfigDict()
@@ -117,35 +134,61 @@ def get_config(preset: str = "B", arg: str | None = None) -> ml_collections.Conf
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-
-  return apply_overrides(c, arg) if arg else c
-
-
-def apply_overrides(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-  """Applies `a.b=value,c=value` overrides (the optional argument of a config file)."""
-  for item in arg.split(","):
-    key, _, value = item.partition("=")
-    _set_path(c, key.strip(), value.strip())
   return c
 
 
-def _set_path(c: ml_collections.ConfigDict, key: str, value: str) -> None:
-  *parents, leaf = key.split(".")
-  node = c
-  for p in parents:
-    node = node[p]
-  old = node[leaf]
-  node[leaf] = (
-    type(old)(value)
-    if old is not None and not isinstance(old, bool)
-    else (value.lower() in ("1", "true", "yes") if isinstance(old, bool) else value)
+def preset_of(cfg: GPTConfig) -> str | None:
+  """The preset whose shape (dim, n_layer, n_head) `cfg` has, or None."""
+  return next(
+    (name for name, p in PRESETS.items() if all(getattr(cfg, f) == p[f] for f in _SHAPE_FIELDS)),
+    None,
   )
 
 
 def gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
-  """The GPTConfig described by `c.model` (the preset name is informational)."""
+  """The GPTConfig described by `c.model`.
+
+  `model.preset` must agree with the shape, so that `--config.model.preset=L` on a GPT-B
+  config is an error rather than a GPT-B labelled L; `custom` accepts any shape.
+  """
   fields = {f.name for f in dataclasses.fields(GPTConfig)}
   unknown = sorted(set(c.model.keys()) - fields - {"preset"})
   if unknown:
     raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}.")
-  return GPTConfig(**{k: v for k, v in c.model.to_dict().items() if k in fields})
+  cfg = GPTConfig(**{k: v for k, v in c.model.to_dict().items() if k in fields})
+  name = c.model.preset
+  if name != CUSTOM:
+    key = name.upper().removeprefix("GPT-") if name.lower() != "tiny" else "tiny"
+    if key not in PRESETS:
+      raise ValueError(
+        f"config.model.preset={name!r} is not a model size; use one of {sorted(PRESETS)} "
+        f"or {CUSTOM!r}."
+      )
+    if any(getattr(cfg, f) != PRESETS[key][f] for f in _SHAPE_FIELDS):
+      shape = ", ".join(f"{f}={getattr(cfg, f)}" for f in _SHAPE_FIELDS)
+      raise ValueError(
+        f"config.model.preset={name!r} but the model has {shape}; use the config file of "
+        f"that size (configs/{key.lower()}.py) or --config.model.preset={CUSTOM} for a "
+        "shape of your own."
+      )
+  return cfg
+
+
+def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
+  """The VQConfig of `c.tokenizer`; its codebook has `c.model.vocab_size` codes."""
+  t = c.tokenizer
+  if t.preset not in VQ_PRESETS:
+    raise ValueError(f"config.tokenizer.preset={t.preset!r}; use one of {sorted(VQ_PRESETS)}.")
+  overrides = {k: t[k] for k in ("ch", "z_channels") if t[k] is not None}
+  return VQConfig.preset(
+    t.preset,
+    codebook_size=c.model.vocab_size,
+    codebook_embed_dim=t.codebook_embed_dim,
+    **overrides,
+  )
+
+
+def check_mode(c: ml_collections.ConfigDict) -> None:
+  """A one-line error for an unknown `config.mode`."""
+  if c.mode not in MODES:
+    raise ValueError(f"config.mode={c.mode!r}; choose one of {MODES}.")

@@ -1,6 +1,7 @@
-"""Entry point: `python -m npp_jax.main --config=configs/l.py --workdir=DIR [--config.x=y]`.
+"""Entry point: `python -m npp_jax.main --config=configs/l.py --workdir=DIR [--config.a.b=v]`.
 
-`config.mode` selects the job: train (default), sample, eval or extract.
+`config.mode` selects the job: train (default), sample, eval or extract; each lives in
+`npp_jax/jobs/`.
 """
 
 import logging
@@ -12,20 +13,27 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from npp_jax import config_lib
+from npp_jax.jobs import evaluate, extract, sample, train
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_AVAILABLE = {"train", "sample", "extract", "eval"}
+JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}
 log = logging.getLogger("npp_jax.main")
 
 
 def main(argv):
   del argv
   c = _CONFIG.value
-  if os.environ.get("NPP_DISTRIBUTED") == "1" or c.get("distributed", False):
+  try:
+    config_lib.check_mode(c)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if os.environ.get("NPP_DISTRIBUTED") == "1" or c.distributed:
     jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
@@ -35,30 +43,13 @@ def main(argv):
     jax.devices()[0].platform,
     jax.process_count(),
   )
-  if c.mode not in _AVAILABLE:
-    raise app.UsageError(
-      f"config.mode={c.mode!r} is not available in this version; available: {sorted(_AVAILABLE)}."
-    )
+  out = JOBS[c.mode](c, workdir)
   if c.mode == "train":
-    from npp_jax import train  # noqa: PLC0415
-
-    summary = train.train_and_evaluate(c, workdir)
-    log.info("finished at step %d: %s", summary["step"], summary["metrics"])
-  elif c.mode == "sample":
-    from npp_jax import sample_job  # noqa: PLC0415
-
-    out = sample_job.run(c, workdir)
-    log.info("samples: %s", out)
-  elif c.mode == "eval":
-    from npp_jax import evaluate  # noqa: PLC0415
-
-    out = evaluate.run(c, workdir)
-    log.info("eval: %s", out)
+    log.info("finished at step %d: %s", out["step"], out["metrics"])
   elif c.mode == "extract":
-    from npp_jax import extract  # noqa: PLC0415
-
-    out = extract.run(c, workdir)
     log.info("codes: %s", {k: v for k, v in out.items() if k != "skipped_images"})
+  else:
+    log.info("%s: %s", c.mode, out)
 
 
 def setup_logging() -> None:
@@ -74,6 +65,8 @@ def setup_logging() -> None:
 
 
 def run():
+  """Console entry point (`npp-jax`)."""
+
   def _main(argv):
     setup_logging()
     main(argv)

@@ -1,8 +1,8 @@
 """Turning tokens into images and back: the tokenizer a config names.
 
-`config.tokenizer.name`: "grey" (the embedded demo's grey-level tokenizer) or "vq16"
-(LlamaGen's VQ tokenizer; `config.tokenizer.checkpoint` is a directory written by
-`python -m npp_jax.convert vq` or the `.pt` file itself).
+`config.tokenizer.name`: "grey" (the embedded demo's grey-level tokenizer) or "vq"
+(LlamaGen's VQ-16 / VQ-8 tokenizer, `config.tokenizer.preset`; `config.tokenizer.checkpoint`
+is a directory written by `python -m npp_jax.convert vq` or the `.pt` file itself).
 """
 
 import json
@@ -15,23 +15,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from npp_jax import checkpoint_io, convert, convert_vq
+from npp_jax import config_lib, params_io, torch_io
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
-from npp_jax.models.vqgan import VQConfig, VQModel, codes_to_images_uint8
+from npp_jax.models import vqgan_torch
+from npp_jax.models.vqgan import VQConfig, VQModel, abstract_params, codes_to_images_uint8
 
 
 def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
-  """The VQConfig of `c.tokenizer` (codebook size = the GPT's vocabulary)."""
+  """The VQConfig a converted checkpoint directory was written with, else `c.tokenizer`'s."""
   t = c.tokenizer
-  path = os.path.join(t.checkpoint, checkpoint_io.VQ_CONFIG_FILE) if t.checkpoint else ""
+  path = os.path.join(t.checkpoint, params_io.VQ_CONFIG_FILE) if t.checkpoint else ""
   if path and os.path.exists(path):
     with open(path) as f:
       return VQConfig(**json.load(f))
-  return VQConfig.preset(
-    t.get("preset", "VQ-16"),
-    codebook_size=c.model.vocab_size,
-    codebook_embed_dim=t.get("codebook_embed_dim", 8),
-  )
+  return config_lib.vq_config(c)
 
 
 def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
@@ -44,12 +41,12 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
     )
   cfg = vq_config(c)
   if os.path.isdir(source):
-    params = checkpoint_io.restore_tree(source)
-    want = jax.tree.map(lambda x: tuple(x.shape), convert_vq.vq_abstract_params(cfg))
+    params = params_io.restore_tree(source)
+    want = jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg))
     if jax.tree.map(lambda x: tuple(x.shape), params) != want:
       raise ValueError(f"the tokenizer params in {source} do not fit {cfg}.")
   else:
-    params = convert_vq.vq_params_from_torch(convert.load_torch_checkpoint(source), cfg)
+    params = vqgan_torch.params_from_torch(torch_io.load_torch_checkpoint(source), cfg)
   if cfg.codebook_size != c.model.vocab_size:
     raise ValueError(
       f"the tokenizer's codebook has {cfg.codebook_size} codes but the GPT's vocabulary is "
@@ -87,7 +84,7 @@ def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
       return np.repeat(grey[..., None], 3, axis=-1)
 
     return decode_grey
-  if name == "vq16":
+  if name == "vq":
     vq = VQTokenizer(*load_vq(c))
     g = c.model.grid
 
@@ -96,4 +93,4 @@ def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
       return codes_to_images_uint8(vq.decode(codes))
 
     return decode_vq
-  raise ValueError(f"unknown tokenizer.name={name!r}; use 'grey' or 'vq16'.")
+  raise ValueError(f"config.tokenizer.name={name!r}; use 'vq' or 'grey'.")

@@ -1,4 +1,7 @@
-"""Shared test helpers: tiny configs and synthetic token datasets."""
+"""Shared test helpers: tiny configs, config files and synthetic token datasets."""
+
+import importlib.util
+import pathlib
 
 import numpy as np
 
@@ -22,6 +25,17 @@ def write_random_dataset(
   return write_shards(records, str(directory), info, records_per_shard=records_per_shard)
 
 
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+
+
+def load_config_file(name: str):
+  """`configs/NAME.py`'s config, loaded as `--config=configs/NAME.py` loads it."""
+  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def tiny_config(data_dir, **overrides):
   """A 2-layer dim-32 GPT on an 8x8 grid: compiles and steps in well under a second."""
   c = config_lib.get_config("tiny")
@@ -34,6 +48,7 @@ def tiny_config(data_dir, **overrides):
     grid=8,
     dtype="float32",
     multiple_of=32,
+    preset=config_lib.CUSTOM,
   )
   c.data.path = str(data_dir)
   c.train.update(
@@ -69,14 +84,11 @@ def convert_tiny_vq(tmp_path, golden_dir):
     "-m",
     "npp_jax.convert",
     "vq",
-    "--checkpoint",
-    str(tmp_path / "vq.npz"),
-    "--out",
-    str(out),
-    "--set",
-    "ch=32",
-    "z_channels=64",
-    "codebook_size=64",
+    f"--checkpoint={tmp_path / 'vq.npz'}",
+    f"--out={out}",
+    f"--config={CONFIGS / 'tiny.py'}",  # vocab 64: a codebook of 64 codes
+    "--config.tokenizer.ch=32",
+    "--config.tokenizer.z_channels=64",
   ]
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr

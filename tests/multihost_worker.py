@@ -21,12 +21,12 @@ if __name__ == "__main__":
       coordinator_address=f"localhost:{port}", num_processes=int(n), process_id=int(pid)
     )
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from npp_jax import sample_job, train  # noqa: E402
+  from npp_jax.jobs import sample, train  # noqa: E402
   from tests.helpers import tiny_config  # noqa: E402
 
   c = tiny_config(data, **{"train.max_steps": int(max_steps), "train.ckpt_every_steps": 4})
   if mode == "train":
-    s = train.train_and_evaluate(c, workdir)
+    s = train.run(c, workdir)
     print(
       json.dumps(
         {
@@ -41,5 +41,5 @@ if __name__ == "__main__":
   else:
     c.tokenizer.update(name="grey", levels=64)
     c.sample.update(num_images=12, batch_size=8, png_per_class=1, png_classes=(1, 2), top_k=1)
-    out = sample_job.run(c, workdir)
+    out = sample.run(c, workdir)
     print(json.dumps({"process": jax.process_index(), **out}), flush=True)

@@ -18,11 +18,21 @@ def test_bench_train_and_sample():
     "train",
     "--config=configs/tiny.py",
     "--batch=8",
-    "--patch-side=2",
+    "--patch_side=2",
     "--repeats=1",
-    "--set",
-    "model.dtype=float32",
+    "--config.model.dtype=float32",
   )
   assert row["seq_len"] == 16 and row["ms_per_step"] > 0
   (row,) = _bench("sample", "--config=configs/tiny.py", "--batch=8", "--repeats=1")
   assert row["images_per_sec"] > 0 and row["cfg_scale"] == 1.5
+
+
+def test_bench_rejects_an_unknown_benchmark():
+  res = subprocess.run(
+    [sys.executable, "-m", "npp_jax.bench", "speed", "--config=configs/tiny.py"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 2 and "must be one of" in res.stderr
+  assert "Traceback" not in res.stderr

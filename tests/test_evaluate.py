@@ -6,8 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from npp_jax import config_lib, evaluate
+from npp_jax import config_lib
+from npp_jax.evaluation import inception_fid
+from npp_jax.jobs import evaluate
 
+from .helpers import load_config_file
 from .manifest_weights import generate
 
 
@@ -54,7 +57,7 @@ def test_eval_end_to_end(tmp_path, inception_npz):
   same = evaluate.run(c, str(tmp_path))
   assert abs(same["fid"]) < 1e-3 and same["precision"] == 1.0 and same["recall"] == 1.0
   # ADM-style reference statistics without images: FID and sFID but no precision/recall.
-  stats = evaluate.reference_statistics(
+  stats = inception_fid.reference_statistics(
     str(tmp_path / "ref.npz"), None, str(tmp_path / "eval_cache"), "adm"
   )
   np.savez(tmp_path / "ref_stats.npz", **{k: stats[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
@@ -96,25 +99,23 @@ def test_malformed_inputs(tmp_path, inception_npz):
 
 
 def test_demo_classifier_scores(tmp_path):
-  import importlib.util
-
-  from npp_jax import demo_eval
+  from npp_jax.data import datasets
   from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
+  from npp_jax.evaluation import digits
 
-  spec = importlib.util.spec_from_file_location(
-    "mnist_cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "mnist.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  params, images, labels, hold, acc = demo_eval.classifier(c, str(tmp_path))
+  c = load_config_file("mnist")
+  c.data.cache_dir = str(tmp_path / "data")
+  data_dir = datasets.dataset_dir("mnist", "", c.data.cache_dir)
+  judge = digits.DigitJudge.load_or_train(data_dir, 16, str(tmp_path / "classifier.npz"))
+  acc = judge.accuracy_on_real()
   assert acc > 0.85, "the judge must read real digits"
   assert os.path.exists(tmp_path / "classifier.npz")
+  images, labels, hold = judge.images, judge.labels, judge.hold
   # Real held-out digits as "samples": high accuracy, small distance.
   real = np.repeat(images[hold][..., None], 3, axis=-1)
   os.makedirs(tmp_path / "samples")
   np.savez(tmp_path / "samples" / "samples_500.npz", arr_0=real, labels=labels[hold])
-  good = demo_eval.run(c, str(tmp_path))
+  good = evaluate.run(c, str(tmp_path))
   assert good["class_accuracy"] == pytest.approx(acc)
   assert good["frechet_distance"] == pytest.approx(good["real_holdout_frechet_distance"])
   # Noise images score badly.
@@ -125,6 +126,6 @@ def test_demo_classifier_scores(tmp_path):
     arr_0=np.repeat(noise[..., None], 3, axis=-1),
     labels=labels[hold],
   )
-  bad = demo_eval.run(c, str(tmp_path))
+  bad = evaluate.run(c, str(tmp_path))
   assert bad["frechet_distance"] > 10 * good["frechet_distance"]
   assert bad["class_accuracy"] < 0.5

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import config_lib, extract, tokenizers, train
+from npp_jax import config_lib, tokenizers
 from npp_jax.data import pipeline, preprocess
 from npp_jax.data.records import DatasetInfo
+from npp_jax.jobs import extract, train
 
 from .manifest_weights import generate
 
@@ -35,11 +36,11 @@ def _config(tmp_path, folder):
   sd = generate(os.path.join(os.path.dirname(__file__), "golden", "vq_tiny_manifest.json"))
   np.savez(tmp_path / "vq.npz", **sd)
   c = config_lib.get_config("tiny")
-  c.model.update(
-    vocab_size=64, num_classes=3, grid=4, dim=32, n_head=2, multiple_of=32, dtype="float32"
-  )
-  c.tokenizer.update(name="vq16", checkpoint=str(tmp_path / "vq.npz"))
-  c.tokenizer.preset = "VQ-16"
+  c.model.update(vocab_size=64, num_classes=3, grid=4, dim=32, n_head=2, multiple_of=32)
+  c.model.update(dtype="float32", preset=config_lib.CUSTOM)
+  # The golden tokenizer is VQ-16 at width 32.
+  c.tokenizer.update(name="vq", preset="VQ-16", ch=32, z_channels=64)
+  c.tokenizer.checkpoint = str(tmp_path / "vq.npz")
   c.extract.update(
     data_dir=str(folder),
     image_size=64,
@@ -51,19 +52,7 @@ def _config(tmp_path, folder):
   return c
 
 
-@pytest.fixture()
-def vq_width(monkeypatch):
-  """The golden tokenizer is VQ-16 at width 32: make that the preset's width for these tests."""
-  real = tokenizers.vq_config
-
-  def narrow(c):
-    cfg = real(c)
-    return cfg.__class__(**{**cfg.__dict__, "ch": 32, "z_channels": 64})
-
-  monkeypatch.setattr(tokenizers, "vq_config", narrow)
-
-
-def test_extract_folder_into_training_shards(tmp_path, folder, vq_width, caplog):
+def test_extract_folder_into_training_shards(tmp_path, folder, caplog):
   c = _config(tmp_path, folder)
   with caplog.at_level(logging.WARNING):
     report = extract.run(c, str(tmp_path / "wd"))
@@ -97,7 +86,7 @@ def test_extract_folder_into_training_shards(tmp_path, folder, vq_width, caplog)
   assert batch["tokens"].shape == (8, 16) and batch["label"].shape == (8,)
 
 
-def test_extract_resumes_with_identical_shards(tmp_path, folder, vq_width):
+def test_extract_resumes_with_identical_shards(tmp_path, folder):
   c = _config(tmp_path, folder)
   c.extract.ten_crop = False
   first = extract.run(c, str(tmp_path / "wd"))
@@ -118,7 +107,7 @@ def test_extract_resumes_with_identical_shards(tmp_path, folder, vq_width):
       assert fh.read() == data[f], f
 
 
-def test_extract_warns_about_size_and_checks_inputs(tmp_path, folder, vq_width, caplog):
+def test_extract_warns_about_size_and_checks_inputs(tmp_path, folder, caplog):
   c = _config(tmp_path, folder)
   c.extract.image_size = 128
   c.extract.images_per_shard = 100
@@ -133,7 +122,7 @@ def test_extract_warns_about_size_and_checks_inputs(tmp_path, folder, vq_width, 
     extract.run(c, str(tmp_path / "wd3"))
 
 
-def test_tfds_source_without_tensorflow_names_the_extra(tmp_path, folder, vq_width, monkeypatch):
+def test_tfds_source_without_tensorflow_names_the_extra(tmp_path, folder, monkeypatch):
   import builtins
 
   real_import = builtins.__import__

@@ -8,13 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from npp_jax import convert, npp
-from npp_jax.models import gpt
+from npp_jax import npp, torch_io
+from npp_jax.models import gpt, gpt_torch
 from npp_jax.models.gpt import GPT, GPTConfig
 
 from .conftest import require_torch
 
 TINY = GPTConfig.preset("tiny", dtype="float32")
+
+
+# Float32 against the float64 reference: measured 4.1e-7..6.1e-7 (logits, prefill and cached
+# decoding), 2.8e-7 (losses) on the CPU; the bound sits about 20x above, so a real numeric
+# change fails. bf16 compute measured 8.3e-3.
+LOGITS_TOL = 1e-5
+LOSS_TOL = 5e-6
+BF16_TOL = 2e-2
 
 
 def rel_err(got, want):
@@ -23,8 +31,8 @@ def rel_err(got, want):
 
 @pytest.fixture(scope="module")
 def tiny_params(golden_dir):
-  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
-  return convert.gpt_params_from_torch(sd, TINY)
+  sd = torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+  return gpt_torch.params_from_torch(sd, TINY)
 
 
 def _check_golden(params, io):
@@ -33,9 +41,9 @@ def _check_golden(params, io):
   for s in (1, 2, 4):
     logits = model.apply({"params": params}, idx, cond, patch_side=s)
     assert logits.shape == (3, (8 // s) ** 2, 64)
-    assert rel_err(logits, io[f"train_logits_p{s}"]) < 1e-4, s
+    assert rel_err(logits, io[f"train_logits_p{s}"]) < LOGITS_TOL, s
     loss = float(npp.patch_cross_entropy(logits, idx, 8, s))
-    np.testing.assert_allclose(loss, io[f"train_loss_p{s}"], rtol=1e-5)
+    np.testing.assert_allclose(loss, io[f"train_loss_p{s}"], rtol=LOSS_TOL)
 
 
 def test_golden_parity_from_npz(tiny_params, gpt_io):
@@ -44,14 +52,14 @@ def test_golden_parity_from_npz(tiny_params, gpt_io):
 
 def test_golden_parity_from_pt(golden_dir, gpt_io):
   require_torch()
-  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny.pt"))
-  _check_golden(convert.gpt_params_from_torch(sd, TINY), gpt_io)
+  sd = torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny.pt"))
+  _check_golden(gpt_torch.params_from_torch(sd, TINY), gpt_io)
 
 
 def test_jitted_forward_matches_golden(tiny_params, gpt_io):
   fn = jax.jit(lambda p, t, y: GPT(TINY).apply({"params": p}, t, y, patch_side=2))
   logits = fn(tiny_params, jnp.asarray(gpt_io["idx"]), jnp.asarray(gpt_io["cond"]))
-  assert rel_err(logits, gpt_io["train_logits_p2"]) < 1e-4
+  assert rel_err(logits, gpt_io["train_logits_p2"]) < LOGITS_TOL
 
 
 def test_kv_cache_decoding_matches_full_forward(tiny_params, gpt_io):
@@ -66,7 +74,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny_params, gpt_io):
   )
   full = np.concatenate([first, rest], axis=1)
   assert full.shape == (3, 65, 64)
-  assert rel_err(full, gpt_io["logits_full"]) < 1e-4
+  assert rel_err(full, gpt_io["logits_full"]) < LOGITS_TOL
   # One token at a time through the same cache gives the same logits.
   cache = gpt.init_cache(TINY, 3)
   _, cache = model.apply(
@@ -77,7 +85,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny_params, gpt_io):
   )
   for i in range(5):
     logits, cache = step(cache, jnp.asarray(gpt_io["idx"][:, i : i + 1]), i + 1)
-    assert rel_err(logits[:, 0], gpt_io["logits_full"][:, i + 1]) < 1e-4
+    assert rel_err(logits[:, 0], gpt_io["logits_full"][:, i + 1]) < LOGITS_TOL
 
 
 @pytest.mark.parametrize(
@@ -123,7 +131,7 @@ def test_bf16_forward_is_finite_and_close(tiny_params, gpt_io):
   for s in (1, 4):
     lo = GPT(bf).apply({"params": tiny_params}, idx, cond, patch_side=s)
     assert lo.dtype == jnp.float32 and np.isfinite(np.asarray(lo)).all()
-    assert rel_err(lo, gpt_io[f"train_logits_p{s}"]) < 3e-2
+    assert rel_err(lo, gpt_io[f"train_logits_p{s}"]) < BF16_TOL
 
 
 def test_grouped_query_attention_equals_mha_with_shared_heads():

@@ -21,7 +21,7 @@ def _config_file(tmp_path, data_dir):
     textwrap.dedent(f"""
     from tests.helpers import tiny_config
 
-    def get_config(arg=None):
+    def get_config():
       return tiny_config({str(data_dir)!r}, **{{"train.epochs": 16, "train.ckpt_every_steps": 7}})
   """)
   )

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import checkpoint_io, convert, sample_job, train
+from npp_jax import params_io, torch_io
+from npp_jax.jobs import sample, train
+from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig
 
 from .helpers import convert_tiny_vq, tiny_config, write_random_dataset
@@ -26,8 +28,8 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   write_random_dataset(data)
   wd = tmp_path / "wd"
   c = _sample_config(data)
-  train.train_and_evaluate(c, str(wd))
-  out = sample_job.run(c, str(wd))
+  train.run(c, str(wd))
+  out = sample.run(c, str(wd))
   png = Image.open(out["png"])
   assert png.size == (2 * 10 + 2, 3 * 10 + 2)  # 2 columns x 3 class rows of 8x8 + borders
   with np.load(out["npz"]) as z:
@@ -42,7 +44,7 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   os.remove(wd / "samples" / "parts" / "part-00002.npz")
   os.remove(out["npz"])
   stamp = os.path.getmtime(wd / "samples" / "parts" / "part-00000.npz")
-  out2 = sample_job.run(c, str(wd))
+  out2 = sample.run(c, str(wd))
   assert os.path.getmtime(wd / "samples" / "parts" / "part-00000.npz") == stamp
   with np.load(out2["npz"]) as z:
     np.testing.assert_array_equal(z["arr_0"], arr)
@@ -56,14 +58,14 @@ def test_sample_from_converted_dir_and_pt(tmp_path, golden_dir):
   c = _sample_config(data)
   c.model.update(dim=64, n_head=4, multiple_of=256)
   c.sample.num_images = 0
-  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
-  checkpoint_io.save_params(str(tmp_path / "conv"), convert.gpt_params_from_torch(sd, cfg), cfg)
+  sd = torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+  params_io.save_params(str(tmp_path / "conv"), gpt_torch.params_from_torch(sd, cfg), cfg)
   c.sample.checkpoint = str(tmp_path / "conv")
-  a = sample_job.run(c, str(tmp_path / "a"))
+  a = sample.run(c, str(tmp_path / "a"))
   assert os.path.exists(a["png"]) and "npz" not in a
   c.sample.checkpoint = ""
   c.train.init_from = str(golden_dir / "gpt_tiny_weights.npz")  # used when nothing is trained
-  b = sample_job.run(c, str(tmp_path / "b"))
+  b = sample.run(c, str(tmp_path / "b"))
   np.testing.assert_array_equal(np.asarray(Image.open(a["png"])), np.asarray(Image.open(b["png"])))
 
 
@@ -71,11 +73,11 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
   data = tmp_path / "data"
   write_random_dataset(data)
   with pytest.raises(FileNotFoundError, match="no training checkpoint"):
-    sample_job.run(_sample_config(data), str(tmp_path / "empty"))
+    sample.run(_sample_config(data), str(tmp_path / "empty"))
   c = _sample_config(data)
-  c.tokenizer.name = "vq16"
+  c.tokenizer.name = "vq"
   with pytest.raises(ValueError, match="tokenizer.checkpoint is empty"):
-    sample_job.run(c, str(tmp_path / "empty"))
+    sample.run(c, str(tmp_path / "empty"))
 
 
 def test_sample_decodes_with_the_vq_tokenizer(tmp_path, golden_dir):
@@ -87,10 +89,10 @@ def test_sample_decodes_with_the_vq_tokenizer(tmp_path, golden_dir):
   c = _sample_config(data)
   c.model.grid = 4
   c.train.patch_level = 2
-  c.tokenizer.update(name="vq16", checkpoint=str(vq_dir))
+  c.tokenizer.update(name="vq", checkpoint=str(vq_dir))
   c.sample.num_images = 8
-  train.train_and_evaluate(c, str(tmp_path / "wd"))
-  out = sample_job.run(c, str(tmp_path / "wd"))
+  train.run(c, str(tmp_path / "wd"))
+  out = sample.run(c, str(tmp_path / "wd"))
   assert Image.open(out["png"]).size == (2 * 66 + 2, 3 * 66 + 2)
   with np.load(out["npz"]) as z:
     assert z["arr_0"].shape == (8, 64, 64, 3) and z["arr_0"].dtype == np.uint8

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from npp_jax import checkpoint_io, config_lib, convert, train, train_step
+from npp_jax import config_lib, params_io, torch_io, train_step
+from npp_jax.jobs import train
+from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig
 
 from .helpers import tiny_config, write_random_dataset
@@ -85,9 +87,9 @@ def test_one_compile_per_stage_and_stage_switches(data_dir, tmp_path, caplog):
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level(logging.WARNING, logger="jax"):
-      summary = train.train_and_evaluate(c, str(tmp_path / "a"))
+      summary = train.run(c, str(tmp_path / "a"))
       c2 = tiny_config(data_dir, **{"train.epochs": 8})
-      summary2 = train.train_and_evaluate(c2, str(tmp_path / "b"))
+      summary2 = train.run(c2, str(tmp_path / "b"))
   finally:
     jax.config.update("jax_log_compiles", False)
   step_compiles = [
@@ -151,29 +153,60 @@ def test_grad_accumulation_matches_one_big_step(data_dir, tmp_path):
   )
 
 
-def test_ema_and_weight_decay_mask(data_dir):
+def test_weight_decay_mask_follows_reference_rank():
   cfg = GPTConfig.preset("tiny", dim=32, n_head=2, dtype="float32")
-  params = train_step.unboxed(
-    train_step.init_state(
-      cfg,
-      train_step.make_optimizer(tiny_config(data_dir).optim, lambda t: 1e-3),
-      jax.random.key(0),
-      ema=True,
-    ).params
-  )
+  tx = train_step.make_optimizer(config_lib.get_config("tiny").optim, lambda t: 1e-3)
+  params = train_step.unboxed(train_step.init_state(cfg, tx, jax.random.key(0), ema=False).params)
   mask = train_step.decay_mask(params)
   assert mask["tok_embeddings"] and mask["layers"]["attention"]["wq"]
   assert not mask["layers"]["attention_norm"]["weight"] and not mask["norm"]["weight"]
 
 
-def test_ema_tracks_params(data_dir, tmp_path):
-  c = tiny_config(data_dir, **{"train.ema_decay": 0.5, "train.max_steps": 3})
-  summary = train.train_and_evaluate(c, str(tmp_path / "wd"))
-  st = summary["state"]
-  diff = jax.tree.map(
-    lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), st.ema, st.params
+def _tree_close(got, want, rtol=1e-6, atol=1e-8):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)
+
+
+def test_ema_follows_its_recurrence():
+  """ema_t = d * ema_(t-1) + (1 - d) * params_t, from ema_0 = params_0; d = 0.9 so that an
+  inverted decay (0.1), a missing update or ema = params all fail."""
+  cfg = GPTConfig.preset("tiny", dim=32, n_head=2, dtype="float32")
+  tx = train_step.make_optimizer(config_lib.get_config("tiny").optim, lambda t: 1e-2)
+  state = train_step.unboxed(train_step.init_state(cfg, tx, jax.random.key(0), ema=True))
+  rng = np.random.default_rng(0)
+  batch = {
+    "tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, (4, cfg.seq_len)), jnp.int32),
+    "label": jnp.asarray(rng.integers(0, cfg.num_classes, 4), jnp.int32),
+  }
+  step = jax.jit(
+    functools.partial(
+      train_step.train_step,
+      cfg=cfg,
+      tx=tx,
+      schedule=lambda t: 1e-2,
+      root_key=jax.random.key(1),
+      patch_side=2,
+      ema_decay=0.9,
+    )
   )
-  assert max(jax.tree.leaves(diff)) > 0, "EMA lags the params"
+  want = state.params
+  for _ in range(3):
+    state, _ = step(state, batch)
+    want = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, want, state.params)
+    _tree_close(state.ema, want)
+  lag = jax.tree.map(lambda e, p: float(np.abs(e - p).max()), state.ema, state.params)
+  assert max(jax.tree.leaves(lag)) > 1e-3, "the EMA must lag the params"
+
+
+def test_trainer_keeps_ema_of_the_params(data_dir, tmp_path):
+  # No warmup: the first step moves the params (at lr 0 any EMA rule would pass).
+  c = tiny_config(
+    data_dir, **{"train.ema_decay": 0.9, "train.max_steps": 1, "optim.warmup_epochs": 0.0}
+  )
+  first = train.Trainer(c, str(tmp_path / "fresh")).fresh_state().params
+  state = train.run(c, str(tmp_path / "wd"))["state"]
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), first, state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  _tree_close(state.ema, jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, first, state.params))
 
 
 def test_bad_configs_are_rejected_before_compiling(data_dir, tmp_path):
@@ -192,9 +225,11 @@ def test_bad_configs_are_rejected_before_compiling(data_dir, tmp_path):
     for overrides, message in cases:
       with pytest.raises(ValueError, match=message):
         train.Trainer(tiny_config(data_dir, **overrides), str(tmp_path / "wd"))
+    assert _COUNTER.count == 0, "a bad config compiled something before failing"
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0))  # positive control: the counter sees compiles
+    assert _COUNTER.count > 0
   finally:
     _COUNTER.active = False
-  assert _COUNTER.count == 0
   with pytest.raises(ValueError, match="unknown model preset 'XS'"):
     config_lib.get_config("XS")
   with pytest.raises(ValueError, match="config.data.path is empty"):
@@ -218,22 +253,22 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
     match=r"loss became nan at step (\d+) .*the last good "
     r"checkpoint is step",
   ):
-    train.train_and_evaluate(c, str(wd))
+    train.run(c, str(wd))
   steps = [int(x) for x in os.listdir(wd / "checkpoints") if x.isdigit()]
   assert steps, "the good checkpoints are kept"
 
 
 def test_resume_refuses_a_different_model(data_dir, tmp_path):
   wd = str(tmp_path / "wd")
-  train.train_and_evaluate(tiny_config(data_dir, **{"train.max_steps": 2}), wd)
+  train.run(tiny_config(data_dir, **{"train.max_steps": 2}), wd)
   with pytest.raises(ValueError, match=r"model.dim: checkpoint 32, config 64[\s\S]*new --workdir"):
-    train.train_and_evaluate(tiny_config(data_dir, **{"model.dim": 64}), wd)
+    train.run(tiny_config(data_dir, **{"model.dim": 64}), wd)
 
 
 def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, caplog):
   wd = tmp_path / "wd"
   c = tiny_config(data_dir, **{"train.max_steps": 12})
-  train.train_and_evaluate(c, str(wd))
+  train.run(c, str(wd))
   newest = wd / "checkpoints" / "12" / "state"
   for root, _, files in os.walk(newest):
     for f in files:
@@ -241,7 +276,7 @@ def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, caplog):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
   with caplog.at_level(logging.WARNING):
-    summary = train.train_and_evaluate(tiny_config(data_dir), str(wd))
+    summary = train.run(tiny_config(data_dir), str(wd))
   assert summary["resumed_from"] == 6
   assert "checkpoint 12" in caplog.text
   assert summary["step"] == 24
@@ -250,10 +285,10 @@ def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, caplog):
 def test_resume_continues_mid_stage(data_dir, tmp_path):
   """A run stopped at step 9 (mid stage 2) and resumed logs the losses of an unbroken run."""
   full = tmp_path / "full"
-  train.train_and_evaluate(tiny_config(data_dir), str(full))
+  train.run(tiny_config(data_dir), str(full))
   part = tmp_path / "part"
-  train.train_and_evaluate(tiny_config(data_dir, **{"train.max_steps": 9}), str(part))
-  summary = train.train_and_evaluate(tiny_config(data_dir), str(part))
+  train.run(tiny_config(data_dir, **{"train.max_steps": 9}), str(part))
+  summary = train.run(tiny_config(data_dir), str(part))
   assert summary["resumed_from"] == 9
   a, b = read_metrics(full), read_metrics(part)
   assert [r["step"] for r in b] == list(range(1, 25))
@@ -264,8 +299,8 @@ def test_init_from_converted_params(tmp_path, golden_dir):
   data = tmp_path / "data"
   write_random_dataset(data, n=96)
   cfg = GPTConfig.preset("tiny", dtype="float32")
-  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
-  checkpoint_io.save_params(str(tmp_path / "conv"), convert.gpt_params_from_torch(sd, cfg), cfg)
+  sd = torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+  params_io.save_params(str(tmp_path / "conv"), gpt_torch.params_from_torch(sd, cfg), cfg)
   c = tiny_config(data)
   c.model.update(dim=64, n_head=4, multiple_of=256)
   c.train.init_from = str(tmp_path / "conv")
@@ -284,20 +319,20 @@ def test_plan_matches_reference_arithmetic():
   info = dataclasses.make_dataclass("I", ["num_records", "grid", "vocab_size", "num_classes"])(
     1_281_167, 16, 16384, 1000
   )
-  plan = train.validate(c, 8, info)
+  plan = train.plan_run(c, 8, info)
   assert plan.steps_per_epoch == 1_281_167 // 256
   assert plan.stage_end_epochs == (75, 150, 300) and plan.patch_sides == (4, 2, 1)
   assert plan.total_steps == 300 * plan.steps_per_epoch
 
 
 def test_throughput_eta_uses_recent_rate(monkeypatch):
-  from npp_jax import metrics
+  from npp_jax import metric_writer
 
   clock = iter([0.0, 10.0, 20.0])
-  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
-  t = metrics.Throughput(0, 1000)
+  monkeypatch.setattr(metric_writer.time, "perf_counter", lambda: next(clock))
+  t = metric_writer.Throughput(0, 1000)
   fast = t.update(100, 8, 80)  # 10 steps/s
   slow = t.update(110, 8, 80)  # then 1 step/s
   assert fast["steps_per_sec"] == 10 and fast["images_per_sec"] == 80
   assert slow["eta_sec"] == 890
-  assert metrics.format_duration(3725) == "1h02m05s"
+  assert metric_writer.format_duration(3725) == "1h02m05s"

@@ -238,3 +238,9 @@ def preprocess_adm(images_uint8: jnp.ndarray) -> jnp.ndarray:
   """ADM's TF graph: TF1 bilinear resize of [0, 255] to 299, then (x - 128) / 128."""
   x = resize_bilinear_tf1(images_uint8.astype(jnp.float32), 299)
   return (x - 128.0) / 128.0
+
+
+def abstract_variables() -> dict:
+  """ShapeDtypeStructs of `InceptionV3()`'s params and batch statistics (nothing allocated)."""
+  x = jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
+  return jax.eval_shape(InceptionV3().init, jax.random.key(0), x)

@@ -3,7 +3,7 @@
 encode(images in [-1, 1], (B, H, W, 3)) -> codes (B, H/f, W/f); decode_codes(codes) ->
 images (B, H, W, 3) in about [-1, 1]. Module and parameter names mirror the reference's
 state dict (`encoder.conv_blocks.0.res.1.conv1.weight` -> encoder/conv_blocks_0/res_1/
-conv1/kernel), so `convert.vq_params_from_torch` maps names mechanically.
+conv1/kernel), so `vqgan_torch.params_from_torch` maps names mechanically.
 """
 
 import dataclasses
@@ -269,6 +269,14 @@ class Quantizer(nn.Module):
 
   def lookup(self, codes):
     return jnp.take(self.codebook(), codes, axis=0)
+
+
+def abstract_params(cfg: VQConfig) -> Any:
+  """ShapeDtypeStructs of `VQModel(cfg)`'s params (nothing allocated)."""
+  x = jax.ShapeDtypeStruct(
+    (1, 2 * cfg.downsample, 2 * cfg.downsample, cfg.in_channels), jnp.float32
+  )
+  return jax.eval_shape(VQModel(cfg).init, jax.random.key(0), x)["params"]
 
 
 def codes_to_images_uint8(images: np.ndarray) -> np.ndarray:

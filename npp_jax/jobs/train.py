@@ -1,4 +1,5 @@
-"""The NPP trainer: mesh, sharded state, one compiled step per stage, checkpoints, metrics."""
+"""`--config.mode=train`: the NPP trainer (mesh, sharded state, one compiled step per stage,
+checkpoints with exact resume, metrics)."""
 
 import dataclasses
 import functools
@@ -14,15 +15,15 @@ import numpy as np
 
 from npp_jax import (
   checkpoint,
-  checkpoint_io,
   config_lib,
-  metrics,
+  metric_writer,
   npp,
+  params_io,
   preemption,
   sharding,
   train_step,
 )
-from npp_jax.data import mnist, pipeline
+from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
 from npp_jax.models.gpt import GPTConfig
 
@@ -47,21 +48,23 @@ class Plan:
 
 
 def dataset_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """The token dataset of the config; the embedded mnist one is built on first use."""
-  if c.data.name == "mnist":
-    return mnist.prepare(c.data.cache_dir or os.path.join(workdir, "data"))
-  if not c.data.path:
-    raise ValueError(
-      "config.data.path is empty: point it at a directory of token shards written by "
-      "`--config.mode=extract`, or train the embedded demo with configs/mnist.py."
-    )
-  return c.data.path
+  """The token dataset the config trains on (the embedded digits are built on first use)."""
+  return datasets.dataset_dir(
+    c.data.name,
+    c.data.path,
+    c.data.cache_dir or os.path.join(workdir, "data"),
+    c.model.grid,
+    c.tokenizer.levels,
+  )
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo | None) -> Plan:
-  """Checks the config against the devices and the dataset before anything compiles."""
-  if c.mode not in config_lib.MODES:
-    raise ValueError(f"config.mode={c.mode!r}; choose one of {config_lib.MODES}.")
+def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo | None) -> Plan:
+  """The run's step schedule; checks the config against the devices and the dataset first.
+
+  Every problem is a ValueError naming the value and the fix, before anything compiles.
+  With `info=None` (no dataset yet) steps are counted per epoch of one step.
+  """
+  config_lib.check_mode(c)
   cfg = config_lib.gpt_config(c)
   mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
   dp = mesh_shape[0] * mesh_shape[1]
@@ -128,7 +131,7 @@ class Trainer:
     self.cfg: GPTConfig = config_lib.gpt_config(c)
     data_dir = dataset_dir(c, self.workdir)
     self.info = DatasetInfo.load(data_dir)
-    self.plan = validate(c, jax.device_count(), self.info)
+    self.plan = plan_run(c, jax.device_count(), self.info)
     if c.train.max_steps > 0:
       self.plan = dataclasses.replace(
         self.plan, total_steps=min(self.plan.total_steps, c.train.max_steps)
@@ -172,7 +175,7 @@ class Trainer:
   def fresh_state(self) -> train_step.TrainState:
     state = self._init(jax.random.fold_in(self.root_key, 1 << 30))
     if self.c.train.init_from:
-      params = checkpoint_io.load_params(self.c.train.init_from, self.cfg)
+      params = params_io.load_params(self.c.train.init_from, self.cfg)
       params = jax.device_put(params, self.state_sharding.params)
       ema = params if state.ema is not None else None
       state = state.replace(params=params, opt_state=self.tx.init(params), ema=ema)
@@ -233,7 +236,7 @@ def _check_finite(pending: list, workdir: str, last_saved: int | None) -> None:
   pending.clear()
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains until the end of the NPP schedule (or train.max_steps), resuming if possible.
 
   Returns a summary: final step, last logged metrics, the compile log.
@@ -241,7 +244,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   trainer = Trainer(c, workdir)
   plan, cfg = trainer.plan, trainer.cfg
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
-  writer = metrics.MetricWriter(trainer.workdir)
+  writer = metric_writer.MetricWriter(trainer.workdir)
   config_dict = checkpoint.config_to_dict(c)
 
   abstract = checkpoint.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding)
@@ -258,7 +261,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   log.info(
     "training %s: %d steps (%d per epoch, stages end at epochs %s with patch sides %s), "
     "global batch %d on mesh %s",
-    c.model.get("preset", "GPT"),
+    "GPT-" + c.model.preset,
     plan.total_steps,
     plan.steps_per_epoch,
     plan.stage_end_epochs,
@@ -267,7 +270,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     dict(trainer.mesh.shape),
   )
 
-  throughput = metrics.Throughput(start, plan.total_steps)
+  throughput = metric_writer.Throughput(start, plan.total_steps)
   pending: list = []
   last_saved = start if restored is not None else None
   last_metrics: dict[str, Any] = {}
@@ -310,7 +313,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             last_metrics["grad_norm"],
             rates["steps_per_sec"],
             rates["images_per_sec"],
-            metrics.format_duration(rates["eta_sec"]),
+            metric_writer.format_duration(rates["eta_sec"]),
           )
         boundary = done in plan.stage_end_steps or done == plan.total_steps
         stop = guard.should_stop(done)

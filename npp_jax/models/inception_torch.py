@@ -1,20 +1,15 @@
-"""pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`) -> Flax variables."""
+"""The FID Inception's PyTorch layout: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` ->
+Flax variables of `InceptionV3`."""
 
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from npp_jax.convert import mismatch_error
-from npp_jax.models.inception import InceptionV3
-
-
-def abstract_variables() -> Any:
-  x = jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
-  return jax.eval_shape(InceptionV3().init, jax.random.key(0), x)
+from npp_jax.models.inception import abstract_variables
+from npp_jax.torch_io import mismatch_error
 
 
 def _flax_path(name: str) -> tuple[str, tuple[str, ...]] | None:
@@ -35,7 +30,7 @@ def _flax_path(name: str) -> tuple[str, tuple[str, ...]] | None:
   return "params", (*mods, "kernel" if leaf == "weight" else leaf)
 
 
-def inception_variables_from_torch(sd: Mapping[str, Any]) -> dict[str, Any]:
+def variables_from_torch(sd: Mapping[str, Any]) -> dict[str, Any]:
   """State dict of the FID Inception -> {"params", "batch_stats"} for `InceptionV3`.
 
   Every name and shape is checked; problems are listed in one ValueError.

@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from npp_jax import checkpoint_io, config_lib, convert, sample, sharding, tokenizers
+from npp_jax import config_lib, params_io, sampling, sharding, tokenizers, torch_io
+from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ def load_sampling_params(c: ml_collections.ConfigDict, workdir: str, cfg: GPTCon
     )
     return state["ema"] if use_ema else state["params"]
   if os.path.isdir(source):
-    return checkpoint_io.load_params(source, cfg)
-  return convert.gpt_params_from_torch(convert.load_torch_checkpoint(source), cfg)
+    return params_io.load_params(source, cfg)
+  return gpt_torch.params_from_torch(torch_io.load_torch_checkpoint(source), cfg)
 
 
 def _has_steps(directory: str) -> bool:
@@ -117,7 +118,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   grid_labels = np.repeat(np.asarray(classes, np.int32), s.png_per_class)
   pad = (-len(grid_labels)) % dp
   padded = np.concatenate([grid_labels, np.zeros(pad, np.int32)])
-  toks = sample.generate(params, cfg, padded, jax.random.fold_in(key, 1 << 20), **settings)
+  toks = sampling.generate(params, cfg, padded, jax.random.fold_in(key, 1 << 20), **settings)
   toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))[: len(grid_labels)]
   png = os.path.join(workdir, "samples.png")
   if lead:
@@ -147,7 +148,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   for b in bar:
     chunk = labels[b * batch : (b + 1) * batch]
     full = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    toks = sample.generate(params, cfg, full, jax.random.fold_in(key, b), **settings)
+    toks = sampling.generate(params, cfg, full, jax.random.fold_in(key, b), **settings)
     toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))[: len(chunk)]
     if lead:
       _write_atomic(

@@ -1,4 +1,4 @@
-"""Params-only checkpoints: the orbax directory that `npp_jax.convert` writes and trainers read.
+"""Params-only checkpoints: the orbax directory `python -m npp_jax.convert` writes and jobs read.
 
 Layout of DIR: `params/` (an orbax StandardCheckpointer tree) and `model_config.json`
 (the GPTConfig fields, so a sampler can rebuild the model without being told its size).

@@ -1,4 +1,4 @@
-"""PyTorch VQ tokenizer checkpoints (LlamaGen `vq_ds16_c2i.pt`) -> Flax params of `VQModel`."""
+"""The VQ tokenizer's PyTorch layout: LlamaGen `vq_ds16_c2i.pt` -> Flax params of `VQModel`."""
 
 import re
 from collections.abc import Mapping
@@ -6,22 +6,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from npp_jax.convert import mismatch_error
-from npp_jax.models.vqgan import VQConfig, VQModel
+from npp_jax.models.vqgan import VQConfig, abstract_params
+from npp_jax.torch_io import mismatch_error
 
 # Buffers of the reference that are not parameters (codebook usage statistics).
 _IGNORED = re.compile(r"(^|\.)codebook_used$")
-
-
-def vq_abstract_params(cfg: VQConfig) -> Any:
-  """ShapeDtypeStructs of `VQModel(cfg)`'s params (nothing allocated)."""
-  x = jax.ShapeDtypeStruct(
-    (1, 2 * cfg.downsample, 2 * cfg.downsample, cfg.in_channels), jnp.float32
-  )
-  return jax.eval_shape(VQModel(cfg).init, jax.random.key(0), x)["params"]
 
 
 def flax_path(name: str, ndim: int) -> tuple[str, ...]:
@@ -47,11 +38,11 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
   return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # (out,in,kh,kw) -> HWIO
 
 
-def vq_params_from_torch(sd: Mapping[str, Any], cfg: VQConfig) -> dict[str, Any]:
+def params_from_torch(sd: Mapping[str, Any], cfg: VQConfig) -> dict[str, Any]:
   """Reference state dict -> Flax params; every name and shape checked in one error."""
   want = {
     tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(vq_abstract_params(cfg)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params(cfg)))
   }
   got, unexpected = {}, []
   for name, value in sd.items():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from npp_jax import convert, sample, sharding
-from npp_jax.models import gpt
+from npp_jax import sampling, sharding, torch_io
+from npp_jax.models import gpt, gpt_torch
 from npp_jax.models.gpt import GPT, GPTConfig
 
 TINY = GPTConfig.preset("tiny", dtype="float32")
@@ -17,13 +17,13 @@ TINY = GPTConfig.preset("tiny", dtype="float32")
 
 @pytest.fixture(scope="module")
 def params(golden_dir):
-  sd = convert.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
-  return jax.tree.map(jnp.asarray, convert.gpt_params_from_torch(sd, TINY))
+  sd = torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny_weights.npz"))
+  return jax.tree.map(jnp.asarray, gpt_torch.params_from_torch(sd, TINY))
 
 
 @pytest.mark.parametrize("scale,key", [(1.0, "greedy_tokens_cfg1"), (2.0, "greedy_tokens_cfg2")])
 def test_greedy_tokens_match_golden(params, gpt_io, scale, key):
-  tokens = sample.generate(
+  tokens = sampling.generate(
     params, TINY, gpt_io["cond"], jax.random.key(0), cfg_scale=scale, top_k=1
   )
   np.testing.assert_array_equal(np.asarray(tokens), gpt_io[key])
@@ -64,7 +64,7 @@ def python_reference(params, cfg, labels, scale, cfg_interval):
 @pytest.mark.parametrize("interval", [-1, 0, 5])
 def test_cfg_interval_matches_python_reference(params, gpt_io, interval):
   want = python_reference(params, TINY, gpt_io["cond"], 3.0, interval)
-  got = sample.generate(
+  got = sampling.generate(
     params, TINY, gpt_io["cond"], jax.random.key(0), cfg_scale=3.0, cfg_interval=interval, top_k=1
   )
   np.testing.assert_array_equal(np.asarray(got), want)
@@ -91,7 +91,7 @@ def np_filter(logits, top_k, top_p):
 )
 def test_filters_match_numpy(top_k, top_p):
   logits = np.random.default_rng(top_k).standard_normal((6, 64)).astype(np.float32) * 3
-  got = np.asarray(sample.filter_logits(jnp.asarray(logits), top_k, top_p))
+  got = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k, top_p))
   want = np_filter(logits, top_k, top_p)
   np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
   kept = ~np.isinf(want)
@@ -116,7 +116,7 @@ def test_sampled_frequencies_follow_the_model(params, temperature, top_k, top_p)
   n = 4000
   labels = np.full(n, 3)
   tokens = np.asarray(
-    sample.generate(
+    sampling.generate(
       params, cfg, labels, jax.random.key(7), temperature=temperature, top_k=top_k, top_p=top_p
     )
   )
@@ -125,7 +125,7 @@ def test_sampled_frequencies_follow_the_model(params, temperature, top_k, top_p)
   first, cache = model.apply({"params": params}, None, jnp.array([3]), cache, 0, method=GPT.decode)
 
   def dist(lg):
-    lg = sample.filter_logits(lg.astype(jnp.float32) / temperature, top_k, top_p)
+    lg = sampling.filter_logits(lg.astype(jnp.float32) / temperature, top_k, top_p)
     return np.asarray(jax.nn.softmax(lg, axis=-1), np.float64)[0]
 
   p1 = dist(first[:, -1])
@@ -143,17 +143,17 @@ def test_sampled_frequencies_follow_the_model(params, temperature, top_k, top_p)
 def test_sharded_generation_equals_single_device(params, gpt_io):
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   labels = np.array([5, 3, 9, 0, 1, 2, 7, 8])
-  one = sample.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0)
-  many = sample.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0, mesh=mesh)
+  one = sampling.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0)
+  many = sampling.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0, mesh=mesh)
   assert len(many.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(one), np.asarray(many))
   assert not np.array_equal(
-    np.asarray(one), sample.generate(params, TINY, labels, jax.random.key(2), cfg_scale=2.0)
+    np.asarray(one), sampling.generate(params, TINY, labels, jax.random.key(2), cfg_scale=2.0)
   )
 
 
 def test_bad_requests(params):
-  gen = lambda labels=(1, 2), **kw: sample.generate(
+  gen = lambda labels=(1, 2), **kw: sampling.generate(
     params, TINY, np.array(labels), jax.random.key(0), **kw
   )
   with pytest.raises(ValueError, match=r"class label 10 is outside \[0, 10\)"):
@@ -175,4 +175,4 @@ def test_bad_requests(params):
     gen((1, 2, 3), mesh=mesh)
   no_null = dataclasses.replace(TINY, class_dropout_prob=0.0)
   with pytest.raises(ValueError, match="needs the null-class embedding"):
-    sample.generate(params, no_null, np.array([1]), jax.random.key(0), cfg_scale=2.0)
+    sampling.generate(params, no_null, np.array([1]), jax.random.key(0), cfg_scale=2.0)

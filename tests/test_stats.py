@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from npp_jax import metrics_fid as M
+from npp_jax.evaluation import stats as M
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_precision_recall_matches_evaluator(io):
   p, r = M.precision_recall(io["feats_A"], io["feats_B"])
   assert p == io["precision"] and r == io["recall"]
   radii = M.manifold_radii(io["feats_A"])
-  np.testing.assert_allclose(radii, io["radii_A_float64"], rtol=1e-4)
+  np.testing.assert_allclose(radii, io["radii_A_float64"], rtol=6e-6)  # measured 2.8e-7
   # Small blocks give the same decisions as one block.
   assert M.precision_recall(io["feats_A"], io["feats_B"], block=64) == (p, r)
 

@@ -59,7 +59,7 @@ def guide(logits: jnp.ndarray, cfg_scale: float, use_guidance: Any = True) -> jn
 
 
 def validate_request(
-  cfg: GPTConfig,
+  model_config: GPTConfig,
   labels: Any,
   *,
   cfg_scale: float,
@@ -75,12 +75,12 @@ def validate_request(
     raise ValueError(f"labels must be a non-empty (batch,) array, got shape {y.shape}.")
   if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {y.dtype}.")
-  if y.min() < 0 or y.max() >= cfg.num_classes:
-    bad = int(y[(y < 0) | (y >= cfg.num_classes)][0])
-    raise ValueError(f"class label {bad} is outside [0, {cfg.num_classes}).")
+  if y.min() < 0 or y.max() >= model_config.num_classes:
+    bad = int(y[(y < 0) | (y >= model_config.num_classes)][0])
+    raise ValueError(f"class label {bad} is outside [0, {model_config.num_classes}).")
   if not cfg_scale >= 0:
     raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (1.0 disables guidance).")
-  if cfg_scale > 1.0 and not cfg.has_null_class:
+  if cfg_scale > 1.0 and not model_config.has_null_class:
     raise ValueError(
       f"cfg_scale={cfg_scale} needs the null-class embedding, but this model has "
       "class_dropout_prob=0 (no null row); sample with cfg_scale=1."
@@ -89,8 +89,10 @@ def validate_request(
     raise ValueError(f"temperature={temperature} must be > 0.")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1.0 disables it).")
-  if not 0 <= top_k <= cfg.vocab_size:
-    raise ValueError(f"top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}] (0 disables it).")
+  if not 0 <= top_k <= model_config.vocab_size:
+    raise ValueError(
+      f"top_k={top_k} must be in [0, vocab_size={model_config.vocab_size}] (0 disables it)."
+    )
   if cfg_interval < -1:
     raise ValueError(f"cfg_interval={cfg_interval} must be >= -1 (-1: guide every step).")
   if mesh is not None:
@@ -104,25 +106,27 @@ def validate_request(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("cfg", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p"),
+  static_argnames=("model_config", "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p"),
 )
 def _generate(
   params,
   labels,
   key,
   *,
-  cfg: GPTConfig,
+  model_config: GPTConfig,
   cfg_scale: float,
   cfg_interval: int,
   temperature: float,
   top_k: int,
   top_p: float,
 ):
-  model = GPT(cfg)
+  model = GPT(model_config)
   guided = cfg_scale > 1.0
-  b, n = labels.shape[0], cfg.seq_len
-  cond = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]) if guided else labels
-  cache = init_cache(cfg, cond.shape[0], cfg.cls_token_num + n)
+  b, n = labels.shape[0], model_config.seq_len
+  cond = (
+    jnp.concatenate([labels, jnp.full_like(labels, model_config.num_classes)]) if guided else labels
+  )
+  cache = init_cache(model_config, cond.shape[0], model_config.cls_token_num + n)
   pick = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
 
   logits, cache = model.apply({"params": params}, None, cond, cache, 0, method=GPT.decode)
@@ -148,7 +152,7 @@ def _generate(
 
 def generate(
   params: Any,
-  cfg: GPTConfig,
+  model_config: GPTConfig,
   labels: Any,
   rng: jax.Array,
   *,
@@ -163,7 +167,7 @@ def generate(
 
   Args:
     params: GPT params (float32 or bf16 arrays; sharded or not).
-    cfg: the model config.
+    model_config: the model config.
     labels: (B,) class ids in [0, num_classes).
     rng: a PRNG key; the same key, labels and settings give the same tokens.
     cfg_scale: guidance scale; > 1 runs the null-class rows alongside.
@@ -176,7 +180,7 @@ def generate(
     (B, grid*grid) int32 tokens. Compiled once per batch shape and settings.
   """
   validate_request(
-    cfg,
+    model_config,
     labels,
     cfg_scale=cfg_scale,
     cfg_interval=cfg_interval,
@@ -192,7 +196,7 @@ def generate(
     params,
     labels,
     rng,
-    cfg=cfg,
+    model_config=model_config,
     cfg_scale=float(cfg_scale),
     cfg_interval=int(cfg_interval),
     temperature=float(temperature),

@@ -1,0 +1,61 @@
+"""Image datasets to tokenize: an ImageFolder tree (PIL) or a tfds split (the `data` extra).
+
+Both give random access to (image, label) items, so extraction can read any shard.
+"""
+
+import os
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+
+
+def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+  """([(path, label)] sorted, class names) of an ImageFolder tree."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder {root} does not exist.")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not classes:
+    raise ValueError(f"{root} has no class sub-directories (expected root/<class>/<image>).")
+  items = []
+  for label, name in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          items.append((os.path.join(dirpath, f), label))
+  return items, classes
+
+
+class TfdsItems:
+  """Lazy (encoded image bytes, label) pairs of a tfds split, read by random access.
+
+  Nothing is held in memory beyond the shard being encoded. Needs the dataset prepared in
+  tfds's random-access `array_record` format (`tfds build imagenet2012
+  --file_format=array_record`).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    try:
+      import tensorflow_datasets as tfds  # noqa: PLC0415 (the optional `data` extra)
+    except ImportError as e:
+      raise ImportError(
+        "reading tfds datasets needs `pip install 'npp_jax[data]'` "
+        "(tensorflow-datasets and tensorflow); or use an ImageFolder."
+      ) from e
+    try:
+      self.source = tfds.data_source(
+        name, split=split, data_dir=data_dir or None, decoders={"image": tfds.decode.SkipDecoding()}
+      )
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(
+        f"tfds {name}:{split} cannot be read by random access ({e}); prepare it "
+        f"with `tfds build {name} --file_format=array_record` or extract from an "
+        "ImageFolder instead."
+      ) from e
+    info = tfds.builder(name, data_dir=data_dir or None).info
+    self.classes = list(info.features["label"].names)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: slice) -> list[tuple[bytes, int]]:
+    rows = [self.source[i] for i in range(*index.indices(len(self)))]
+    return [(bytes(r["image"]), int(r["label"])) for r in rows]

@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: ADM-compatible statistics, FID Inception features, the digit judge."""

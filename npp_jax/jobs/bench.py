@@ -1,0 +1,251 @@
+"""Benchmarks (random weights): `python -m npp_jax.bench WHAT --config=configs/b.py ...`.
+
+sample: images/s and ms per token step of `sampling.generate` with the config's guidance,
+        after warm-up; `--max_batch` also searches the largest batch that fits (doubling
+        until out of memory).
+train:  ms per train step and images/s for one NPP stage (`--patch_side`).
+tokenizer: encode and decode images/s of the config's VQ tokenizer at `--image_size`.
+eval:   FID Inception feature extraction images/s (256 px uint8 -> 299, with the config's
+        `eval.preprocess`).
+Settings come from the config (`--config.sample.cfg_scale=1.75`, ...). Each result is
+printed as one JSON line; BENCHMARKS.md records them.
+"""
+
+import functools
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from npp_jax import config_lib, sampling, sharding, tokenizers, train_step
+from npp_jax.evaluation import inception_fid
+from npp_jax.models import inception, vqgan
+from npp_jax.models.gpt import GPT
+
+WHAT = ("train", "sample", "tokenizer", "eval")
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  return f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"
+
+
+def random_params(cfg, key=0):
+  """Random params with a non-zero output head (zero heads give uniform logits)."""
+  init = jax.jit(
+    lambda k: GPT(cfg).init(k, jnp.zeros((1, cfg.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32))[
+      "params"
+    ]
+  )
+  params = train_step.unboxed(init(jax.random.key(key)))
+  params["output"] = 0.02 * jax.random.normal(jax.random.key(key + 1), params["output"].shape)
+  return params
+
+
+def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
+  cfg = config_lib.gpt_config(c)
+  params = jax.device_put(random_params(cfg), sharding.replicated(mesh))
+  labels = np.arange(batch) % cfg.num_classes
+  run = functools.partial(
+    sampling.generate,
+    params,
+    cfg,
+    labels,
+    cfg_scale=c.sample.cfg_scale,
+    temperature=c.sample.temperature,
+    top_k=c.sample.top_k,
+    top_p=c.sample.top_p,
+    mesh=mesh,
+  )
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(jax.random.key(0)))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(jax.random.key(r + 1)))
+    times.append(time.perf_counter() - t0)
+  t = float(np.median(times))
+  return {
+    "bench": "sample",
+    "model": c.model.preset,
+    "batch": batch,
+    "cfg_scale": c.sample.cfg_scale,
+    "dtype": cfg.dtype,
+    "sec_per_batch": round(t, 4),
+    "images_per_sec": round(batch / t, 1),
+    "ms_per_token_step": round(1e3 * t / cfg.seq_len, 3),
+    "first_call_sec": round(compile_s, 1),
+    "device": _device(),
+  }
+
+
+def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
+  cfg = config_lib.gpt_config(c)
+  sched = lambda step: c.optim.lr
+  tx = train_step.make_optimizer(c.optim, sched)
+  init = functools.partial(train_step.init_state, cfg, tx, ema=c.train.ema_decay > 0)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.logical_sharding(boxed, mesh)
+  state = jax.jit(lambda k: train_step.unboxed(init(k)), out_shardings=state_sh)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch_sh = sharding.batch_sharding(mesh)
+  data = {
+    "tokens": jax.device_put(
+      rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len), dtype=np.int32), batch_sh
+    ),
+    "label": jax.device_put(rng.integers(0, cfg.num_classes, batch, dtype=np.int32), batch_sh),
+  }
+  fn = jax.jit(
+    functools.partial(
+      train_step.train_step,
+      cfg=cfg,
+      tx=tx,
+      schedule=sched,
+      root_key=jax.random.key(1),
+      patch_side=patch_side,
+      grad_accum_steps=c.train.grad_accum_steps,
+    ),
+    in_shardings=(state_sh, batch_sh),
+    donate_argnums=0,
+  )
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, data).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(3):
+    state, m = compiled(state, data)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    state, m = compiled(state, data)
+  jax.block_until_ready(m)
+  t = (time.perf_counter() - t0) / repeats
+  return {
+    "bench": "train",
+    "model": c.model.preset,
+    "batch": batch,
+    "patch_side": patch_side,
+    "seq_len": (cfg.grid // patch_side) ** 2,
+    "dtype": cfg.dtype,
+    "ms_per_step": round(1e3 * t, 2),
+    "images_per_sec": round(batch / t, 1),
+    "compile_sec": round(compile_s, 1),
+    "device": _device(),
+  }
+
+
+def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
+  cfg = config_lib.vq_config(c)
+  abstract = vqgan.abstract_params(cfg)
+  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
+  params = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape), abstract)
+  tok = tokenizers.VQTokenizer(cfg, params)
+  x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1.0)
+  codes = jax.block_until_ready(tok.encode(x))
+  jax.block_until_ready(tok.decode(codes))
+  out = {
+    "bench": "tokenizer",
+    "model": c.tokenizer.preset,
+    "batch": batch,
+    "image_size": image_size,
+    "device": _device(),
+  }
+  for name, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, codes)):
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      r = fn(arg)
+    jax.block_until_ready(r)
+    t = (time.perf_counter() - t0) / repeats
+    out[f"{name}_images_per_sec"] = round(batch / t, 2)
+  return out
+
+
+def bench_eval(batch: int, repeats: int, mesh, preprocess: str) -> dict:
+  abstract = inception.abstract_variables()
+  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
+  variables = jax.tree.map(lambda a: 0.05 * jax.random.normal(next(keys), a.shape), abstract)
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  extract = inception_fid.FeatureExtractor(variables, preprocess, batch, mesh)
+  images = np.random.default_rng(0).integers(0, 256, (extract.batch, 256, 256, 3), np.uint8)
+  list(extract(images, "warm-up"))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    list(extract(images, "bench"))
+  t = (time.perf_counter() - t0) / repeats
+  return {
+    "bench": "eval",
+    "batch": extract.batch,
+    "image_size": 256,
+    "preprocess": preprocess,
+    "images_per_sec": round(extract.batch / t, 1),
+    "device": _device(),
+  }
+
+
+def _is_oom(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", flag_values=fv, sys_argv=argv
+  )
+  flags.DEFINE_integer("batch", 32, "global batch", flag_values=fv)
+  flags.DEFINE_integer("patch_side", 1, "NPP patch side of the train step", flag_values=fv)
+  flags.DEFINE_integer("image_size", 256, "tokenizer benchmark resolution", flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "timed repetitions", flag_values=fv)
+  flags.DEFINE_bool("max_batch", False, "also find the largest batch (sample)", flag_values=fv)
+  flags.mark_flag_as_required("config", flag_values=fv)
+  return fv
+
+
+def main(argv: list[str]) -> int:
+  """`argv[1]` is what to measure (train, sample, tokenizer, eval); the rest are flags."""
+  usage = f"usage: python -m npp_jax.bench {{{','.join(WHAT)}}} --config=configs/b.py [--batch=N]"
+  if len(argv) < 2 or argv[1] not in WHAT:
+    got = argv[1] if len(argv) > 1 else "nothing"
+    raise ValueError(f"the first argument must be one of {WHAT}, got {got!r}.\n{usage}")
+  fv = _flags(argv)
+  try:
+    fv(argv[:1] + argv[2:])
+  except flags.Error as e:
+    raise ValueError(f"{e}\n{usage}") from e
+  what, c = argv[1], fv.config
+  mesh = sharding.make_mesh(c.mesh.to_dict())
+  if what == "eval":
+    print(json.dumps(bench_eval(fv.batch, fv.repeats, mesh, c.eval.preprocess)), flush=True)
+    return 0
+  if what == "tokenizer":
+    print(json.dumps(bench_tokenizer(c, fv.batch, fv.image_size, fv.repeats)), flush=True)
+    return 0
+  if what == "train":
+    print(json.dumps(bench_train(c, fv.batch, fv.patch_side, fv.repeats, mesh)), flush=True)
+    return 0
+  print(json.dumps(bench_sample(c, fv.batch, fv.repeats, mesh)), flush=True)
+  if fv.max_batch:
+    batch = fv.batch * 2
+    while True:
+      try:
+        best = bench_sample(c, batch, 2, mesh)
+      except Exception as e:  # noqa: BLE001
+        if not _is_oom(e):
+          raise
+        break
+      print(json.dumps({**best, "search": "max_batch"}), flush=True)
+      batch *= 2
+  return 0
+
+
+def run() -> None:
+  """Console entry point: a bad command line is one line on stderr and exit status 2."""
+  try:
+    sys.exit(main(sys.argv))
+  except ValueError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)

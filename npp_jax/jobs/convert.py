@@ -1,0 +1,72 @@
+"""Released PyTorch checkpoints -> orbax params directories that every job reads.
+
+  python -m npp_jax.convert gpt --checkpoint=c2i_L_256.pt --config=configs/l.py --out=DIR
+  python -m npp_jax.convert vq --checkpoint=vq_ds16_c2i.pt --config=configs/l.py --out=DIR
+
+The model comes from the config (`config.model` for gpt, `config.tokenizer` for vq), so
+it is chosen and overridden like everywhere else: `--config.tokenizer.preset=VQ-8`.
+Inputs: `.pt`/`.pth` (the `torch` extra), `.npz` or `.safetensors`.
+"""
+
+import sys
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from npp_jax import config_lib, params_io, torch_io
+from npp_jax.models import gpt_torch, vqgan_torch
+
+KINDS = ("gpt", "vq")
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py) naming the model.", flag_values=fv, sys_argv=argv
+  )
+  flags.DEFINE_string("checkpoint", None, ".pt/.pth/.npz/.safetensors file", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (orbax params + config)", flag_values=fv)
+  flags.DEFINE_string("key", None, "checkpoint entry to read (default: model)", flag_values=fv)
+  flags.DEFINE_bool("force", False, "replace an existing output", flag_values=fv)
+  for name in ("config", "checkpoint", "out"):
+    flags.mark_flag_as_required(name, flag_values=fv)
+  return fv
+
+
+def main(argv: list[str]) -> int:
+  """`argv[1]` is the kind (gpt or vq); the rest are flags."""
+  usage = (
+    f"usage: python -m npp_jax.convert {{{','.join(KINDS)}}} --checkpoint=F --config=C --out=D"
+  )
+  if len(argv) < 2 or argv[1] not in KINDS:
+    got = argv[1] if len(argv) > 1 else "nothing"
+    raise ValueError(f"the first argument must be one of {KINDS}, got {got!r}.\n{usage}")
+  fv = _flags(argv)
+  try:
+    fv(argv[:1] + argv[2:])
+  except flags.Error as e:
+    raise ValueError(f"{e}\n{usage}") from e
+  c, kind = fv.config, argv[1]
+  sd = torch_io.load_torch_checkpoint(fv.checkpoint, key=fv.key)
+  n = sum(int(np.prod(x.shape)) for x in sd.values())
+  if kind == "vq":
+    vcfg = config_lib.vq_config(c)
+    params = vqgan_torch.params_from_torch(sd, vcfg)
+    out = params_io.save_params(fv.out, params, vcfg, force=fv.force)
+    print(f"converted {fv.checkpoint} ({n:,} values, {c.tokenizer.preset}) -> {out}")
+    return 0
+  cfg = config_lib.gpt_config(c)
+  params = gpt_torch.params_from_torch(sd, cfg)
+  out = params_io.save_params(fv.out, params, cfg, force=fv.force)
+  print(f"converted {fv.checkpoint} ({n:,} parameters, {gpt_torch.describe(cfg)}) -> {out}")
+  return 0
+
+
+def run() -> None:
+  """Console entry point: errors are one line on stderr and exit status 2."""
+  try:
+    sys.exit(main(sys.argv))
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)

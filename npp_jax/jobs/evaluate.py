@@ -1,0 +1,109 @@
+"""`--config.mode=eval`: score a sample batch; writes WORKDIR/eval.json.
+
+`eval.kind="inception"`: FID, sFID, Inception Score, precision and recall against an ADM
+reference batch (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma`, `mu_s`, `sigma_s` and
+images `arr_0`, or images only), with the FID InceptionV3 (pytorch-fid weights, given by
+path) sharded over the devices. Reference features are cached in WORKDIR/eval_cache.
+`eval.kind="mnist_classifier"`: the embedded demo's digit judge.
+"""
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from npp_jax import sharding, torch_io
+from npp_jax.data import datasets
+from npp_jax.evaluation import digits, inception_fid, sample_batches
+from npp_jax.models import inception_torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("inception", "mnist_classifier")
+
+
+def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores `eval.samples` (default: the newest WORKDIR/samples/samples_*.npz)."""
+  e = c.eval
+  if e.kind not in KINDS:
+    raise ValueError(f"config.eval.kind={e.kind!r}; use one of {KINDS}.")
+  result = _digits(c, workdir) if e.kind == "mnist_classifier" else _inception(c, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  e = c.eval
+  if not e.reference:
+    raise ValueError(
+      "config.eval.reference is empty: give the ADM reference batch "
+      "(VIRTUAL_imagenet256_labeled.npz) or an npz of reference images `arr_0`."
+    )
+  if not e.inception_checkpoint:
+    raise ValueError(
+      "config.eval.inception_checkpoint is empty: give pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time)."
+    )
+  samples_path = e.samples or sample_batches.latest_samples(workdir)
+  data = sample_batches.load_npz(samples_path, "sample batch")
+  if "arr_0" not in data:
+    raise ValueError(f"sample batch {samples_path} has keys {sorted(data)}, no `arr_0` images.")
+  samples = sample_batches.check_images(data["arr_0"], f"sample batch {samples_path}")
+  variables = inception_torch.variables_from_torch(
+    torch_io.load_torch_checkpoint(e.inception_checkpoint)
+  )
+  extract = inception_fid.FeatureExtractor(
+    variables, e.preprocess, e.batch_size, sharding.make_mesh(c.mesh.to_dict())
+  )
+  ref = inception_fid.reference_statistics(
+    e.reference, extract, os.path.join(workdir, "eval_cache"), e.preprocess
+  )
+  result = inception_fid.adm_metrics(extract, samples, ref, e.is_split_size)
+  log.info(
+    "FID %.3f | sFID %.3f | IS %.2f | precision %s | recall %s",
+    result["fid"],
+    result["sfid"],
+    result["inception_score"],
+    result.get("precision"),
+    result.get("recall"),
+  )
+  return {
+    **result,
+    "num_samples": len(samples),
+    "samples": samples_path,
+    "reference": e.reference,
+    "preprocess": e.preprocess,
+  }
+
+
+def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  data_dir = datasets.dataset_dir(
+    c.data.name,
+    c.data.path,
+    c.data.cache_dir or os.path.join(workdir, "data"),
+    c.model.grid,
+    c.tokenizer.levels,
+  )
+  judge = digits.DigitJudge.load_or_train(
+    data_dir, c.tokenizer.levels, os.path.join(workdir, "classifier.npz"), c.seed
+  )
+  path = c.eval.samples or sample_batches.latest_samples(workdir)
+  data = sample_batches.load_npz(path, "sample batch")
+  if "arr_0" not in data or "labels" not in data:
+    raise ValueError(f"{path} needs `arr_0` images and the requested `labels`.")
+  result = {**judge.score(data["arr_0"][..., 0], data["labels"]), "samples": path}
+  log.info(
+    "demo scores: generated digits read as the requested class %.1f%% of the time "
+    "(classifier accuracy on real digits %.1f%%); Frechet distance in classifier "
+    "features %.2f (real held-out digits: %.2f)",
+    100 * result["class_accuracy"],
+    100 * result["classifier_accuracy_on_real"],
+    result["frechet_distance"],
+    result["real_holdout_frechet_distance"],
+  )
+  print(json.dumps({k: v for k, v in result.items() if k != "samples"}), flush=True)
+  return result

@@ -1,0 +1,140 @@
+"""Reading PyTorch checkpoints as numpy state dicts, for every model's converter.
+
+`load_torch_checkpoint(path)` reads `.pt`/`.pth` (the `torch` extra), `.npz` or
+`.safetensors` into {reference name: numpy array}, unwrapping training-checkpoint
+wrappers; `mismatch_error` is the one error all converters raise for a checkpoint that
+does not fit a model. The name mappings themselves live next to each model
+(`models/gpt_torch.py`, `models/vqgan_torch.py`, `models/inception_torch.py`).
+"""
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Buffers the reference registers that are not parameters (RoPE tables, masks, caches).
+_IGNORED = re.compile(r"(^|\.)(freqs_cis|causal_mask|k_cache|v_cache)$")
+# Wrappers added by DDP, torch.compile and FSDP around parameter names.
+_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+def to_numpy(value: Any) -> np.ndarray:
+  """A torch tensor or array-like as a numpy array (bf16/fp16 tensors widened to float32)."""
+  if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy dtype, so go through float32
+    t = value.detach().cpu()
+    if str(t.dtype) in ("torch.bfloat16", "torch.float16"):
+      t = t.float()
+    return t.numpy()
+  return np.asarray(value)
+
+
+def _import_torch():
+  try:
+    import torch  # noqa: PLC0415 (optional dependency, imported lazily)
+  except ImportError as e:
+    raise ImportError(
+      "reading a PyTorch .pt/.pth file needs PyTorch: `pip install 'npp_jax[torch]'` (on a "
+      "CPU-only machine `pip install torch==2.13.0` or the CPU wheel index), or convert the "
+      "file to .npz/.safetensors elsewhere."
+    ) from e
+  return torch
+
+
+def unwrap_state_dict(obj: Any, key: str | None = None) -> dict[str, Any]:
+  """Finds the state dict inside a checkpoint object and strips DDP/compile/FSDP prefixes.
+
+  Accepts `{"model": sd}`, `{"module": sd}`, `{"state_dict": sd}` or a bare state dict.
+  `key` picks another entry (for example "ema").
+  """
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a dict of tensors.")
+  if key is not None:
+    if key not in obj:
+      raise ValueError(f"checkpoint has no entry {key!r}; it has {sorted(obj)}.")
+    obj = obj[key]
+  else:
+    for k in _WRAPPER_KEYS:
+      if k in obj and isinstance(obj[k], Mapping):
+        obj = obj[k]
+        break
+  out = {}
+  for name, value in obj.items():
+    if not isinstance(name, str) or not (hasattr(value, "shape") or isinstance(value, np.ndarray)):
+      continue  # step counters, args and other metadata
+    for p in _PREFIXES:
+      name = name.replace(p, "")
+    if _IGNORED.search(name):
+      continue
+    out[name] = value
+  if not out:
+    raise ValueError("checkpoint contains no tensors (expected a state dict of parameters).")
+  return out
+
+
+def load_torch_checkpoint(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+  """Reads a checkpoint into {reference_name: numpy array}.
+
+  Formats: `.pt`/`.pth`/`.bin` (PyTorch, the `torch` extra), `.npz`, `.safetensors`.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist.")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".pt", ".pth", ".bin", ".ckpt", ".npz", ".safetensors"):
+    raise ValueError(
+      f"unknown checkpoint format {ext!r} for {path}; use .pt, .pth, .npz or .safetensors."
+    )
+  torch = _import_torch() if ext not in (".npz", ".safetensors") else None
+  try:
+    if torch is not None:
+      try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+      except Exception as e:  # noqa: BLE001
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+          raise
+        # Released training checkpoints may pickle argparse args next to the weights.
+        log.warning(
+          "%s holds pickled objects besides tensors; loading it with "
+          "weights_only=False (only do this for files you trust).",
+          path,
+        )
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    elif ext == ".npz":
+      with np.load(path, allow_pickle=False) as z:
+        obj = {k: z[k] for k in z.files}
+    else:
+      from safetensors.numpy import load_file  # noqa: PLC0415
+
+      obj = load_file(path)
+  except Exception as e:  # noqa: BLE001 (torch, zip, pickle and safetensors raise many kinds)
+    raise ValueError(
+      f"could not read checkpoint {path} ({type(e).__name__}: {e}); the file is "
+      "corrupt or truncated: download or convert it again."
+    ) from e
+  return {k: to_numpy(v) for k, v in unwrap_state_dict(obj, key).items()}
+
+
+def mismatch_error(
+  what: str, missing: list[str], unexpected: list[str], bad: list[str], hint: str = ""
+) -> ValueError:
+  """One ValueError listing (the first few of) every missing, unexpected, mis-shaped tensor."""
+
+  def short(items):
+    return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+
+  lines = [f"checkpoint does not fit {what}:"]
+  for label, items in (
+    ("missing", missing),
+    ("unexpected", sorted(unexpected)),
+    ("wrong shape", bad),
+  ):
+    if items:
+      lines.append(f"  {label}: {short(items)}")
+  if hint:
+    lines.append(f"  {hint}")
+  return ValueError("\n".join(lines))

@@ -1,0 +1,132 @@
+"""Every config file against the presets and the NPP schedule; the one override syntax."""
+
+import pathlib
+import re
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from npp_jax import config_lib, npp
+from npp_jax.models import gpt
+from npp_jax.models.gpt_config import PRESETS
+
+from .helpers import CONFIGS, load_config_file
+
+NAMES = sorted(p.stem for p in CONFIGS.glob("*.py"))
+PACKAGE = pathlib.Path(__file__).parent.parent / "npp_jax"
+
+
+def parse(*args):
+  """The config as `python -m npp_jax.main --config=... ARGS` sees it."""
+  argv = ["prog", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_every_config_file_is_checked():
+  assert {"b", "l", "xl", "xxl", "xxxl", "3b", "tiny", "mnist"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_file_fits_its_preset_and_schedule(name):
+  c = load_config_file(name)
+  config_lib.check_mode(c)
+  cfg = config_lib.gpt_config(c)  # raises when model.preset disagrees with the shape
+  preset = c.model.preset
+  if preset != config_lib.CUSTOM:
+    key = "tiny" if preset == "tiny" else preset.upper()
+    assert {k: getattr(cfg, k) for k in PRESETS[key]} == PRESETS[key]
+    assert name.startswith("extract") or name == key.lower()
+  for side in npp.patch_sides(c.train.patch_level):
+    npp.check_patch_side(cfg.grid, side)
+  ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
+  assert ends[-1] == c.train.epochs
+  assert config_lib.vq_config(c).codebook_size == cfg.vocab_size
+  assert gpt.param_count(cfg) > 0  # shapes only: nothing compiles
+
+
+def test_imagenet_configs_state_the_paper_recipe():
+  for name, scale in (("b", 2.0), ("l", 1.75), ("xl", 1.70), ("xxl", 1.65)):
+    c = load_config_file(name)
+    ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
+    assert ends == [75, 150, 300] and npp.patch_sides(c.train.patch_level) == [4, 2, 1]
+    assert c.train.global_batch_size == 256 and c.optim.lr == 1e-4
+    assert c.sample.cfg_scale == scale
+
+
+def test_every_key_can_be_set_on_the_command_line():
+  c = load_config_file("b")
+  samples = {int: ("7", 7), float: ("0.5", 0.5), str: ("x", "x"), bool: ("false", False)}
+  samples[tuple] = ("(1,2)", (1, 2))
+  leaves = list(_leaves(c))
+  assert len(leaves) > 70
+  for path, value in leaves:
+    text, want = samples[type(value) if value is not None else _PLACEHOLDER_TYPES[path]]
+    node = parse(f"--config={CONFIGS / 'b.py'}", f"--config.{path}={text}")
+    for part in path.split("."):
+      node = node[part]
+    assert node == want, path
+
+
+def test_tokenizer_preset_from_the_command_line():
+  c = parse(f"--config={CONFIGS / 'b.py'}", "--config.tokenizer.preset=VQ-8")
+  assert config_lib.vq_config(c).downsample == 8
+  c = parse(f"--config={CONFIGS / 'b.py'}", "--config.tokenizer.ch=64")
+  assert config_lib.vq_config(c).ch == 64
+  with pytest.raises((flags.Error, AttributeError), match="bogus"):
+    parse(f"--config={CONFIGS / 'b.py'}", "--config.tokenizer.bogus=1")
+
+
+def test_bad_model_preset_and_mode_are_one_line_errors():
+  c = parse(f"--config={CONFIGS / 'b.py'}", "--config.model.preset=L")
+  with pytest.raises(ValueError, match=r"preset='L' but the model has dim=768.*configs/l.py"):
+    config_lib.gpt_config(c)
+  c = parse(f"--config={CONFIGS / 'b.py'}", "--config.model.preset=huge")
+  with pytest.raises(ValueError, match="'huge' is not a model size"):
+    config_lib.gpt_config(c)
+  c = parse(f"--config={CONFIGS / 'b.py'}", "--config.mode=train_and_sample")
+  with pytest.raises(ValueError, match="config.mode='train_and_sample'; choose one of"):
+    config_lib.check_mode(c)
+
+
+def test_code_reads_only_declared_keys():
+  """Every `c.section.key` the package reads exists in the ConfigDict (no hidden `.get`)."""
+  c = config_lib.get_config("B")
+  pattern = re.compile(r"\bc\.(\w+)(?:\.(\w+))?")
+  seen = 0
+  for path in PACKAGE.rglob("*.py"):
+    text = path.read_text()
+    assert not re.search(r"\bc(\.\w+)*\.get\(", text), f"{path}: read config keys directly"
+    for section, key in pattern.findall(text):
+      if section in ("update", "to_dict", "lock", "items", "keys"):
+        continue
+      assert section in c, f"{path}: c.{section} is not declared"
+      if (
+        key
+        and isinstance(c[section], type(c))
+        and key not in ("to_dict", "update", "items", "keys")
+      ):
+        assert key in c[section], f"{path}: c.{section}.{key} is not declared"
+        seen += 1
+  assert seen > 50  # positive control: the pattern does find the reads
+
+
+# Keys whose default is None: the type the command line parses them as.
+_PLACEHOLDER_TYPES = {
+  "model.n_kv_head": int,
+  "model.ffn_dim_multiplier": float,
+  "tokenizer.ch": int,
+  "tokenizer.z_channels": int,
+}
+
+
+def _leaves(c, prefix=""):
+  for k, v in c.items():
+    path = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      yield from _leaves(v, path + ".")
+    else:
+      yield path, v
