@@ -6,9 +6,11 @@ ml_collections' syntax, e.g. `--config.optim.lr=2e-4 --config.tokenizer.preset=V
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from npp_jax.models.gpt_config import PRESETS, GPTConfig
 from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
@@ -192,3 +194,30 @@ def check_mode(c: ml_collections.ConfigDict) -> None:
   """A one-line error for an unknown `config.mode`."""
   if c.mode not in MODES:
     raise ValueError(f"config.mode={c.mode!r}; choose one of {MODES}.")
+
+
+def parse_command(
+  argv: Sequence[str], choices: Sequence[str], define_flags: Callable[[flags.FlagValues], None]
+) -> tuple[str, flags.FlagValues]:
+  """Parses `PROG WHAT --config=FILE [--config.a.b=v ...] [--flag=v ...]`.
+
+  `--config` is a config file whose keys the command line overrides, as for
+  `python -m npp_jax.main`; `define_flags` adds the command's own flags. Returns WHAT and
+  the parsed flags; a bad command line is one ValueError with the usage.
+  """
+  argv = list(argv)
+  usage = f"usage: {argv[0]} {{{','.join(choices)}}} --config=configs/FILE.py [--flags]"
+  if len(argv) < 2 or argv[1] not in choices:
+    got = argv[1] if len(argv) > 1 else "nothing"
+    raise ValueError(f"the first argument must be one of {tuple(choices)}, got {got!r}.\n{usage}")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", flag_values=fv, sys_argv=argv
+  )
+  flags.mark_flag_as_required("config", flag_values=fv)
+  define_flags(fv)
+  try:
+    fv(argv[:1] + argv[2:])
+  except flags.Error as e:
+    raise ValueError(f"{e}\n{usage}") from e
+  return argv[1], fv

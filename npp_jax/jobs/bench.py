@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from npp_jax import config_lib, sampling, sharding, tokenizers, train_step
 from npp_jax.evaluation import inception_fid
@@ -191,32 +190,18 @@ def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py).", flag_values=fv, sys_argv=argv
-  )
+def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("batch", 32, "global batch", flag_values=fv)
   flags.DEFINE_integer("patch_side", 1, "NPP patch side of the train step", flag_values=fv)
   flags.DEFINE_integer("image_size", 256, "tokenizer benchmark resolution", flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "timed repetitions", flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "also find the largest batch (sample)", flag_values=fv)
-  flags.mark_flag_as_required("config", flag_values=fv)
-  return fv
 
 
 def main(argv: list[str]) -> int:
   """`argv[1]` is what to measure (train, sample, tokenizer, eval); the rest are flags."""
-  usage = f"usage: python -m npp_jax.bench {{{','.join(WHAT)}}} --config=configs/b.py [--batch=N]"
-  if len(argv) < 2 or argv[1] not in WHAT:
-    got = argv[1] if len(argv) > 1 else "nothing"
-    raise ValueError(f"the first argument must be one of {WHAT}, got {got!r}.\n{usage}")
-  fv = _flags(argv)
-  try:
-    fv(argv[:1] + argv[2:])
-  except flags.Error as e:
-    raise ValueError(f"{e}\n{usage}") from e
-  what, c = argv[1], fv.config
+  what, fv = config_lib.parse_command(argv, WHAT, _define_flags)
+  c = fv.config
   mesh = sharding.make_mesh(c.mesh.to_dict())
   if what == "eval":
     print(json.dumps(bench_eval(fv.batch, fv.repeats, mesh, c.eval.preprocess)), flush=True)
@@ -245,7 +230,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
   """Console entry point: a bad command line is one line on stderr and exit status 2."""
   try:
-    sys.exit(main(sys.argv))
+    sys.exit(main(["python -m npp_jax.bench", *sys.argv[1:]]))
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from npp_jax import config_lib, params_io, torch_io
 from npp_jax.models import gpt_torch, vqgan_torch
@@ -20,34 +19,19 @@ from npp_jax.models import gpt_torch, vqgan_torch
 KINDS = ("gpt", "vq")
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py) naming the model.", flag_values=fv, sys_argv=argv
-  )
+def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("checkpoint", None, ".pt/.pth/.npz/.safetensors file", flag_values=fv)
   flags.DEFINE_string("out", None, "output directory (orbax params + config)", flag_values=fv)
   flags.DEFINE_string("key", None, "checkpoint entry to read (default: model)", flag_values=fv)
   flags.DEFINE_bool("force", False, "replace an existing output", flag_values=fv)
-  for name in ("config", "checkpoint", "out"):
+  for name in ("checkpoint", "out"):
     flags.mark_flag_as_required(name, flag_values=fv)
-  return fv
 
 
 def main(argv: list[str]) -> int:
   """`argv[1]` is the kind (gpt or vq); the rest are flags."""
-  usage = (
-    f"usage: python -m npp_jax.convert {{{','.join(KINDS)}}} --checkpoint=F --config=C --out=D"
-  )
-  if len(argv) < 2 or argv[1] not in KINDS:
-    got = argv[1] if len(argv) > 1 else "nothing"
-    raise ValueError(f"the first argument must be one of {KINDS}, got {got!r}.\n{usage}")
-  fv = _flags(argv)
-  try:
-    fv(argv[:1] + argv[2:])
-  except flags.Error as e:
-    raise ValueError(f"{e}\n{usage}") from e
-  c, kind = fv.config, argv[1]
+  kind, fv = config_lib.parse_command(argv, KINDS, _define_flags)
+  c = fv.config
   sd = torch_io.load_torch_checkpoint(fv.checkpoint, key=fv.key)
   n = sum(int(np.prod(x.shape)) for x in sd.values())
   if kind == "vq":
@@ -66,7 +50,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
   """Console entry point: errors are one line on stderr and exit status 2."""
   try:
-    sys.exit(main(sys.argv))
+    sys.exit(main(["python -m npp_jax.convert", *sys.argv[1:]]))
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
