@@ -22,7 +22,7 @@ EXTRAS = {
   # Reading PyTorch `.pt`/`.pth` checkpoints. Install a CPU build explicitly
   # (`pip install torch==2.13.0`) on machines without a GPU: a bare `torch`
   # requirement pulls a multi-GB CUDA build.
-  "torch": ["torch>=2.1"],
+  "torch": ["torch>=2.4"],  # torch.serialization.add_safe_globals
   # ImageNet decoding through tensorflow-datasets.
   "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15"],
   # The package that ships the embedded real dataset (5,000 MNIST digits).

@@ -1,20 +1,29 @@
 """Training checkpoints: orbax CheckpointManager holding the train state, data iterator and meta.
 
 A checkpoint at step N holds everything needed to continue exactly: params, optimizer
-state, EMA, step, the grain iterator position, the NPP stage and the config. Saves
-are asynchronous; orbax commits a step atomically, so a run killed mid-save leaves the
-previous checkpoints intact.
+state, EMA, step, the grain iterator position, the NPP stage, the config, the dataset's
+shape and a fingerprint of the state. Saves are asynchronous; orbax commits a step
+atomically, so a run killed mid-save leaves the previous checkpoints intact.
+
+Restoring tells two failures apart:
+- the checkpoint does not fit this run (another model, optimizer, schedule or dataset):
+  refused with the settings that differ, nothing moved;
+- the checkpoint is damaged (unreadable, or its fingerprint does not match what was
+  saved): set aside in `checkpoints_unreadable/` and the previous one is used.
 """
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,20 @@ FIXED_KEYS = (
   "train.ema_decay",
   "seed",
 )
+# What of the dataset fixes the step -> (epoch, record) mapping and the shapes.
+DATASET_KEYS = (
+  "num_records",
+  "grid",
+  "vocab_size",
+  "num_classes",
+  "n_aug",
+  "steps_per_epoch",
+  "extractions",
+)
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but was written by a run this config cannot continue."""
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
@@ -48,6 +71,16 @@ def _lookup(cfg: dict, dotted: str) -> Any:
       return None
     node = node[part]
   return node
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in cfg.items():
+    if isinstance(v, dict):
+      out |= _flat(v, f"{prefix}{k}.")
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def config_conflicts(saved: dict, current: dict) -> list[str]:
@@ -60,19 +93,112 @@ def config_conflicts(saved: dict, current: dict) -> list[str]:
   return out
 
 
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """Every config key whose value differs (the candidates when the state does not fit)."""
+  a, b = _flat(saved), _flat(current)
+  return [
+    f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}"
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k) and not k.startswith(("sample.", "eval.", "extract."))
+  ]
+
+
+def dataset_conflicts(saved: dict | None, current: dict) -> list[str]:
+  """`dataset.key: saved -> current` for every DATASET_KEYS entry that differs."""
+  if not saved:  # checkpoints written before the dataset was recorded
+    return []
+  return [
+    f"dataset {k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+    for k in DATASET_KEYS
+    if k in saved and saved.get(k) != current.get(k)
+  ]
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words (16-bit types widened, bools as 0/1)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if x.dtype.itemsize == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  raise TypeError(f"cannot fingerprint arrays of dtype {x.dtype}")
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> jax.Array:
+  # A sum over leaves, so that the digest does not depend on how a reader's tree orders
+  # them (a TrainState and the dict read back without a target hold the same arrays).
+  total = jnp.uint32(0)
+  for x in leaves:
+    words = _as_words(x)
+    # Position- and leaf-dependent odd weights: a changed, swapped or moved word changes
+    # the wrapping uint32 sum (which does not depend on the reduction order). Positions
+    # come from iotas in the array's own shape, so a sharded array is never gathered.
+    pos, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for d in reversed(range(x.ndim)):
+      iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+      pos, stride = pos + iota * jnp.uint32(stride & 0xFFFFFFFF), stride * x.shape[d]
+    salt = jnp.uint32((x.size * 40503 + x.ndim) & 0xFFFFFFFF)
+    weights = (pos * jnp.uint32(2654435761) + salt) | 1
+    total = total + jnp.sum(words * weights, dtype=jnp.uint32)
+  return total
+
+
+def fingerprint(tree: Any) -> int:
+  """A 32-bit digest of every bit of `tree`'s arrays, computed where they live."""
+  return int(jax.device_get(_fingerprint(jax.tree.leaves(tree))))
+
+
+def _key_str(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
+  return {
+    "/".join(_key_str(k) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if hasattr(leaf, "shape")
+  }
+
+
+def tree_mismatch(saved: Any, abstract: Any, limit: int = 4) -> list[str]:
+  """Differences between the state a checkpoint holds and the state this run builds."""
+  a, b = leaf_shapes(saved), leaf_shapes(abstract)
+  out = [f"only in the checkpoint: {k}" for k in sorted(set(a) - set(b))[:limit]]
+  out += [f"only in this run: {k}" for k in sorted(set(b) - set(a))[:limit]]
+  out += [
+    f"{k}: checkpoint {a[k]}, this run {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]
+  ][:limit]
+  return out
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, meta) under WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"train.keep_checkpoints={keep} must be >= 1.")
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
-    self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "data", "meta")
-    )
+    # Handlers are named up front so that a checkpoint's metadata (the state's tree of
+    # shapes) can be read before anything is restored.
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+    """Saves `state` at `step` with its fingerprint, so that restore can verify it."""
+    meta = {**meta, "fingerprint": fingerprint(state)}
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
@@ -83,60 +209,82 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any, config: dict):
-    """Restores the newest readable checkpoint; returns (step, state, meta) or None.
+  def restore_latest(self, abstract_state: Any, data_iter: Any, config: dict, dataset: dict):
+    """Restores the newest intact checkpoint; returns (step, state, meta) or None.
 
-    A checkpoint that fails to load (truncated, corrupt) is reported and skipped in
-    favour of the one before it. A checkpoint written under a config that changes
-    shapes or the schedule is refused with the list of conflicting keys.
+    A checkpoint this run cannot continue raises CheckpointMismatchError naming the
+    settings that differ, and nothing is moved. A damaged one is set aside and the one
+    before it is tried. The data iterator is restored only with the state it belongs
+    to; after a failed attempt it is back at the start.
     """
     steps = self.steps()
-    unreadable = []
+    damaged = []
+    initial = data_iter.get_state()
     for step in reversed(steps):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta["meta"]
+        saved_tree = self.manager.item_metadata(step)["state"]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if not leaf_shapes(saved_tree):
+          raise ValueError("the checkpoint's state metadata lists no arrays")
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
-        log.warning(
-          "checkpoint %d in %s is unreadable (%s); trying the previous one.",
-          step,
-          self.directory,
-          _short(e),
-        )
-        unreadable.append(step)
+        self._damaged(damaged, step, e)
         continue
-      conflicts = config_conflicts(meta.get("config", {}), config)
-      if conflicts:
-        raise ValueError(
-          f"the checkpoint at step {step} in {self.directory} was written with another "
-          "configuration and cannot be continued with this one:\n  "
-          + "\n  ".join(conflicts)
-          + "\nUse the original values, or a new --workdir to start a fresh run."
-        )
+      self._check_fits(step, meta, saved_tree, abstract_state, config, dataset)
       try:
         restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-          ),
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        state = restored["state"]
+        want = meta.get("fingerprint")
+        if want is not None and fingerprint(state) != want:
+          raise ValueError("the restored state does not match the fingerprint saved with it")
+        self.manager.restore(
+          step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
         )
       except Exception as e:  # noqa: BLE001
-        log.warning(
-          "checkpoint %d in %s could not be restored (%s: %s); trying the previous one.",
-          step,
-          self.directory,
-          type(e).__name__,
-          _short(e),
-        )
-        unreadable.append(step)
+        data_iter.set_state(initial)
+        self._damaged(damaged, step, e)
         continue
-      self._set_aside(unreadable)
-      return step, restored["state"], meta
+      self._set_aside(damaged)
+      return step, state, meta
     if steps:
-      log.warning("no readable checkpoint in %s: starting from scratch.", self.directory)
-      self._set_aside(unreadable)
+      log.warning("no intact checkpoint in %s: starting from scratch.", self.directory)
+      self._set_aside(damaged)
     return None
+
+  def _check_fits(self, step, meta, saved_tree, abstract_state, config, dataset) -> None:
+    where = f"the checkpoint at step {step} in {self.directory}"
+    fix = "Use the original settings, or a new --workdir to start a fresh run."
+    conflicts = config_conflicts(meta.get("config", {}), config)
+    conflicts += dataset_conflicts(meta.get("dataset"), dataset)
+    if conflicts:
+      raise CheckpointMismatchError(
+        f"{where} was written with another configuration or dataset and cannot be "
+        "continued with this one:\n  " + "\n  ".join(conflicts) + f"\n{fix}"
+      )
+    mismatch = tree_mismatch(saved_tree, abstract_state)
+    if mismatch:
+      changes = config_changes(meta.get("config", {}), config) or ["(no config key differs)"]
+      raise CheckpointMismatchError(
+        f"{where} holds a train state of another structure (the optimizer or model "
+        "settings changed):\n  "
+        + "\n  ".join(mismatch)
+        + "\nSettings that differ:\n  "
+        + "\n  ".join(changes)
+        + f"\n{fix}"
+      )
+
+  def _damaged(self, damaged: list[int], step: int, e: Exception) -> None:
+    log.warning(
+      "checkpoint %d in %s is damaged (%s: %s); trying the previous one.",
+      step,
+      self.directory,
+      type(e).__name__,
+      _short(e),
+    )
+    damaged.append(step)
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged checkpoints out of the way (kept for inspection, never deleted)."""
@@ -147,7 +295,7 @@ class Checkpointer:
     for step in steps:
       target = os.path.join(aside, f"{step}-{int(time.time())}")
       shutil.move(os.path.join(self.directory, str(step)), target)
-      log.warning("moved unreadable checkpoint %d to %s", step, target)
+      log.warning("moved damaged checkpoint %d to %s", step, target)
     self.manager.reload()
 
   def wait(self) -> None:
@@ -156,6 +304,84 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
+  """(step, state as saved, meta) of the newest checkpoint in `directory` that reads back
+  and matches its fingerprint; for readers (sampling), so nothing is moved.
+  """
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(
+        f"no training checkpoint in {directory}: train first, or set "
+        "--config.sample.checkpoint to converted params (or a .pt file)."
+      )
+    for step in steps:
+      try:
+        got = mngr.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+        want = got["meta"].get("fingerprint")
+        if want is not None and fingerprint(got["state"]) != want:
+          raise ValueError("the restored state does not match the fingerprint saved with it")
+        return step, got["state"], got["meta"]
+      except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
+        log.warning(
+          "checkpoint %d in %s is damaged (%s: %s); trying the previous one.",
+          step,
+          directory,
+          type(e).__name__,
+          _short(e),
+        )
+  raise ValueError(f"every checkpoint in {directory} is damaged: train again or sample another.")
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another trainer holds the workdir."""
+
+
+class WorkdirLock:
+  """One trainer per workdir: an advisory lock on WORKDIR/train.lock, held by process 0.
+
+  The operating system releases it when the process dies, so a killed or preempted run
+  leaves no stale lock; the file names the owner for the error message.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), "train.lock")
+    self._file = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    f = open(self.path, "a+")  # noqa: SIM115 (held open for the lifetime of the lock)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      owner = f.read().strip() or "unknown owner"
+      f.close()
+      raise WorkdirBusyError(
+        f"another trainer is running in {os.path.dirname(self.path)} ({owner}); stop it or "
+        "use another --workdir."
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.ctime()}\n")
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+    return False
 
 
 def abstract_with_sharding(abstract: Any, shardings: Any) -> Any:

@@ -6,6 +6,7 @@ ml_collections' syntax, e.g. `--config.optim.lr=2e-4 --config.tokenizer.preset=V
 """
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -15,7 +16,12 @@ from ml_collections import config_dict, config_flags
 from npp_jax.models.gpt_config import PRESETS, GPTConfig
 from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
 
+log = logging.getLogger(__name__)
+
 MODES = ("train", "sample", "eval", "extract")
+TOKENIZERS = ("vq", "grey")
+# jax.default_matmul_precision values accepted for the VQ tokenizer.
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 # Guidance scales of the NPP paper's FID results, per model size.
 CFG_SCALES = {"B": 2.0, "L": 1.75, "XL": 1.70, "XXL": 1.65}
 # `model.preset` of a model whose shape is not one of the presets.
@@ -47,14 +53,20 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.seed = 0
   # Call jax.distributed.initialize() first (multi-host); NPP_DISTRIBUTED=1 does the same.
   c.distributed = False
+  # Load .pt files that pickle objects besides tensors (they can run code): only for
+  # files you trust. Released LlamaGen/NPP checkpoints load without it.
+  c.trust_checkpoint = False
 
   c.model = model_config(preset)
   # The reference's `--mixed-precision bf16`: params float32, matmuls in bf16.
   c.model.dtype = "bfloat16"
 
   c.data = ml_collections.ConfigDict()
-  # A directory of ArrayRecord shards written by `mode=extract` (or the mnist cache).
+  # A directory of ArrayRecord shards written by `mode=extract`; several, separated by
+  # commas, are extractions of the same images (e.g. crop ranges 1.1 and 1.05, as the
+  # reference trains) mixed per example with `weights` (default: equal).
   c.data.path = ""
+  c.data.weights = ()
   c.data.name = "imagenet_codes"  # or "mnist": the embedded digits, built on first use
   c.data.worker_count = 0  # grain multiprocessing workers; 0 reads in the main process
   c.data.prefetch_buffer_size = 4
@@ -94,6 +106,9 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.tokenizer.ch = config_dict.placeholder(int)
   c.tokenizer.z_channels = config_dict.placeholder(int)
   c.tokenizer.levels = 16  # grey levels (grey tokenizer only)
+  # Matmul/conv precision of the VQ tokenizer: float32 gives the reference's codes on every
+  # platform; "default" lets TPUs use faster bf16 passes.
+  c.tokenizer.precision = "float32"
 
   c.extract = ml_collections.ConfigDict()
   c.extract.source = "imagefolder"  # or "tfds" (the `data` extra)
@@ -111,6 +126,9 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""  # "": newest checkpoint of --workdir; or converted dir / .pt file
   c.sample.use_ema = True  # sample from EMA weights when the run kept them
+  # "mixed": params and residual float32, matmuls in model.dtype (as in training);
+  # "bfloat16": the whole GPT in bf16, as the reference's sampling script (published FIDs).
+  c.sample.precision = "mixed"
   c.sample.cfg_scale = CFG_SCALES.get(preset, 1.5)
   c.sample.cfg_interval = -1
   c.sample.temperature = 1.0
@@ -176,6 +194,57 @@ def gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
   return cfg
 
 
+def train_gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
+  """The GPTConfig to train: with stochastic depth the reference (`train_c2i.py`) turns
+  residual and FFN dropout off, and so does npp_jax."""
+  cfg = gpt_config(c)
+  if cfg.drop_path_rate > 0 and (cfg.resid_dropout_p > 0 or cfg.ffn_dropout_p > 0):
+    log.info(
+      "model.drop_path_rate=%s: residual and FFN dropout are off (as in the reference).",
+      cfg.drop_path_rate,
+    )
+    cfg = dataclasses.replace(cfg, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+  return cfg
+
+
+def check_training(c: ml_collections.ConfigDict) -> None:
+  """One-line errors for settings that would train wrongly or fail late; compiles nothing."""
+  t, o = c.train, c.optim
+  for name in ("epochs", "log_every_steps", "ckpt_every_steps", "keep_checkpoints"):
+    if t[name] < 1:
+      raise ValueError(f"config.train.{name}={t[name]} must be >= 1.")
+  if not o.lr > 0:
+    raise ValueError(f"config.optim.lr={o.lr} must be > 0.")
+  for name in ("end_lr", "weight_decay", "warmup_epochs", "grad_clip", "eps"):
+    if o[name] < 0:
+      raise ValueError(f"config.optim.{name}={o[name]} must be >= 0.")
+  for name in ("beta1", "beta2"):
+    if not 0 <= o[name] < 1:
+      raise ValueError(f"config.optim.{name}={o[name]} must be in [0, 1).")
+  if c.model.dtype == "float16":
+    raise ValueError(
+      "config.model.dtype=float16 would train without loss scaling (gradients underflow); "
+      "train in bfloat16 or float32 (float16 is fine for sampling)."
+    )
+  check_tokenizer(c)
+
+
+def check_tokenizer(c: ml_collections.ConfigDict) -> None:
+  """The tokenizer a config names must exist and fit the model's vocabulary."""
+  t = c.tokenizer
+  if t.name not in TOKENIZERS:
+    raise ValueError(f"config.tokenizer.name={t.name!r}; use one of {TOKENIZERS}.")
+  if t.name == "grey" and t.levels != c.model.vocab_size:
+    raise ValueError(
+      f"config.tokenizer.levels={t.levels} but config.model.vocab_size="
+      f"{c.model.vocab_size}: the grey-level tokenizer has one token per level; make them equal."
+    )
+  if t.name == "vq":
+    vq_config(c)  # an unknown preset or a bad width fails here
+    if t.precision not in PRECISIONS:
+      raise ValueError(f"config.tokenizer.precision={t.precision!r}; use one of {PRECISIONS}.")
+
+
 def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
   """The VQConfig of `c.tokenizer`; its codebook has `c.model.vocab_size` codes."""
   t = c.tokenizer
@@ -190,10 +259,43 @@ def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
   )
 
 
+SAMPLE_PRECISIONS = ("mixed", "bfloat16")
+
+
+def sampling_gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
+  """The GPTConfig to sample with, per `config.sample.precision`."""
+  cfg = gpt_config(c)
+  if c.sample.precision not in SAMPLE_PRECISIONS:
+    raise ValueError(
+      f"config.sample.precision={c.sample.precision!r}; use one of {SAMPLE_PRECISIONS}."
+    )
+  if c.sample.precision == "bfloat16":
+    cfg = dataclasses.replace(
+      cfg, dtype="bfloat16", param_dtype="bfloat16", residual_dtype="bfloat16"
+    )
+  return cfg
+
+
 def check_mode(c: ml_collections.ConfigDict) -> None:
   """A one-line error for an unknown `config.mode`."""
   if c.mode not in MODES:
     raise ValueError(f"config.mode={c.mode!r}; choose one of {MODES}.")
+
+
+def flag_error(argv: Sequence[str], e: Exception) -> str:
+  """One line for a command line ml_collections or absl refused (unknown key, bad value)."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return str(e).splitlines()[0]
+  # ml_collections raises KeyError("'epoch'\nDid you mean ...?"), maybe inside AttributeError.
+  text: object = e
+  while isinstance(text, BaseException):
+    text = text.args[0] if text.args else ""
+  text = str(text)
+  key, _, hint = text.partition("\n")
+  key = key.strip("'\"")
+  arg = next((a for a in argv if a.startswith("--config.") and f".{key}" in a), "")
+  line = f"unknown config key {key!r}" + (f" in {arg.split('=')[0]}" if arg else "")
+  return line + (f"; {hint.strip()[0].lower()}{hint.strip()[1:]}" if hint.strip() else "")
 
 
 def parse_command(
@@ -218,6 +320,6 @@ def parse_command(
   define_flags(fv)
   try:
     fv(argv[:1] + argv[2:])
-  except flags.Error as e:
-    raise ValueError(f"{e}\n{usage}") from e
+  except (flags.Error, AttributeError, KeyError) as e:
+    raise ValueError(f"{flag_error(argv, e)}\n{usage}") from None
   return argv[1], fv

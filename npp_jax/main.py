@@ -13,7 +13,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import config_lib
+from npp_jax import checkpoint, config_lib
 from npp_jax.jobs import evaluate, extract, sample, train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,6 +22,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
+# NPP_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  FileExistsError,
+  ImportError,
+  FloatingPointError,
+  checkpoint.WorkdirBusyError,
+)
 JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}
 log = logging.getLogger("npp_jax.main")
 
@@ -64,14 +74,29 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with unknown config keys and bad values as one line (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    print(f"error: {config_lib.flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
   """Console entry point (`npp-jax`)."""
 
   def _main(argv):
     setup_logging()
-    main(argv)
+    try:
+      main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get("NPP_TRACEBACK") == "1":
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
 
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
     if jax.tree.map(lambda x: tuple(x.shape), params) != want:
       raise ValueError(f"the tokenizer params in {source} do not fit {cfg}.")
   else:
-    params = vqgan_torch.params_from_torch(torch_io.load_torch_checkpoint(source), cfg)
+    sd = torch_io.load_torch_checkpoint(source, trust=c.trust_checkpoint)
+    params = vqgan_torch.params_from_torch(sd, cfg)
   if cfg.codebook_size != c.model.vocab_size:
     raise ValueError(
       f"the tokenizer's codebook has {cfg.codebook_size} codes but the GPT's vocabulary is "
@@ -56,13 +57,33 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
 
 
 class VQTokenizer:
-  """Jitted encode/decode with fixed batch shapes (one compilation per image size)."""
+  """Jitted encode/decode with fixed batch shapes (one compilation per image size).
 
-  def __init__(self, cfg: VQConfig, params: Any):
-    self.cfg, self.params = cfg, jax.device_put(params)
+  Convolutions and matmuls run at `precision` (jax.default_matmul_precision): "float32" by
+  default, so that codes are the reference's float32 extraction's on every platform (TPUs
+  otherwise multiply float32 in bf16 passes).
+  """
+
+  def __init__(self, cfg: VQConfig, params: Any, precision: str = "float32"):
+    if precision not in config_lib.PRECISIONS:
+      raise ValueError(f"tokenizer precision {precision!r}; use one of {config_lib.PRECISIONS}.")
+    self.cfg, self.params, self.precision = cfg, jax.device_put(params), precision
     model = VQModel(cfg)
-    self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQModel.encode))
-    self._decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=VQModel.decode_codes))
+
+    def at_precision(method):
+      def fn(p, x):
+        with jax.default_matmul_precision(precision):
+          return model.apply({"params": p}, x, method=method)
+
+      return jax.jit(fn)
+
+    self._encode = at_precision(VQModel.encode)
+    self._decode = at_precision(VQModel.decode_codes)
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict) -> "VQTokenizer":
+    """The VQ tokenizer of `c.tokenizer` (weights from `c.tokenizer.checkpoint`)."""
+    return cls(*load_vq(c), precision=c.tokenizer.precision)
 
   def encode(self, images: Any) -> jax.Array:
     """float images NHWC in [-1, 1] -> codes (B, h, w)."""
@@ -75,8 +96,8 @@ class VQTokenizer:
 
 def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
   """A function from (N, grid*grid) tokens to (N, H, W, 3) uint8 images."""
-  name = c.tokenizer.name
-  if name == "grey":
+  config_lib.check_tokenizer(c)
+  if c.tokenizer.name == "grey":
     tok = GreyLevelTokenizer(grid=c.model.grid, levels=c.tokenizer.levels)
 
     def decode_grey(tokens: np.ndarray) -> np.ndarray:
@@ -84,13 +105,11 @@ def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
       return np.repeat(grey[..., None], 3, axis=-1)
 
     return decode_grey
-  if name == "vq":
-    vq = VQTokenizer(*load_vq(c))
-    g = c.model.grid
+  vq = VQTokenizer.from_config(c)
+  g = c.model.grid
 
-    def decode_vq(tokens: np.ndarray) -> np.ndarray:
-      codes = jnp.asarray(np.asarray(tokens, np.int32).reshape(-1, g, g))
-      return codes_to_images_uint8(vq.decode(codes))
+  def decode_vq(tokens: np.ndarray) -> np.ndarray:
+    codes = jnp.asarray(np.asarray(tokens, np.int32).reshape(-1, g, g))
+    return codes_to_images_uint8(vq.decode(codes))
 
-    return decode_vq
-  raise ValueError(f"config.tokenizer.name={name!r}; use 'vq' or 'grey'.")
+  return decode_vq

@@ -7,8 +7,10 @@ does not fit a model. The name mappings themselves live next to each model
 (`models/gpt_torch.py`, `models/vqgan_torch.py`, `models/inception_torch.py`).
 """
 
+import argparse
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -77,10 +79,39 @@ def unwrap_state_dict(obj: Any, key: str | None = None) -> dict[str, Any]:
   return out
 
 
-def load_torch_checkpoint(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+class UnsafeCheckpointError(ValueError):
+  """A `.pt` file carries pickled objects that could run code when loaded."""
+
+
+# Harmless non-tensor types that released LlamaGen / NPP training checkpoints pickle (their
+# command-line arguments). Anything else needs an explicit `trust`.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _torch_load(torch, path: str, trust: bool) -> Any:
+  if trust:
+    log.warning("loading %s with weights_only=False: it may run code (trusted on request).", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+  torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f"a pickled {found.group(1)}" if found else "pickled objects besides tensors"
+    raise UnsafeCheckpointError(
+      f"{path} holds {what}, which could run code when loaded, so it was not loaded. If you "
+      "trust the file, pass --trust_checkpoint (convert) or --config.trust_checkpoint=True."
+    ) from None
+
+
+def load_torch_checkpoint(
+  path: str, key: str | None = None, trust: bool = False
+) -> dict[str, np.ndarray]:
   """Reads a checkpoint into {reference_name: numpy array}.
 
   Formats: `.pt`/`.pth`/`.bin` (PyTorch, the `torch` extra), `.npz`, `.safetensors`.
+  `.pt` files are loaded weights-only: tensors, plain containers and SAFE_GLOBALS; any
+  other pickled object raises UnsafeCheckpointError unless `trust` is set.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
@@ -92,18 +123,7 @@ def load_torch_checkpoint(path: str, key: str | None = None) -> dict[str, np.nda
   torch = _import_torch() if ext not in (".npz", ".safetensors") else None
   try:
     if torch is not None:
-      try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-      except Exception as e:  # noqa: BLE001
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-          raise
-        # Released training checkpoints may pickle argparse args next to the weights.
-        log.warning(
-          "%s holds pickled objects besides tensors; loading it with "
-          "weights_only=False (only do this for files you trust).",
-          path,
-        )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+      obj = _torch_load(torch, path, trust)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as z:
         obj = {k: z[k] for k in z.files}
@@ -111,6 +131,8 @@ def load_torch_checkpoint(path: str, key: str | None = None) -> dict[str, np.nda
       from safetensors.numpy import load_file  # noqa: PLC0415
 
       obj = load_file(path)
+  except UnsafeCheckpointError:
+    raise
   except Exception as e:  # noqa: BLE001 (torch, zip, pickle and safetensors raise many kinds)
     raise ValueError(
       f"could not read checkpoint {path} ({type(e).__name__}: {e}); the file is "

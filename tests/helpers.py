@@ -93,3 +93,12 @@ def convert_tiny_vq(tmp_path, golden_dir):
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr
   return out
+
+
+def read_metrics(workdir):
+  """The rows of WORKDIR/metrics.jsonl."""
+  import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

@@ -1,6 +1,8 @@
 """PyTorch checkpoint conversion: formats, wrappers, exact round trips, the CLI, clear errors."""
 
+import argparse
 import builtins
+import os
 import subprocess
 import sys
 
@@ -51,6 +53,40 @@ def test_torch_round_trip_through_pt_file(tmp_path, sd):
   assert set(again) == set(sd)
   for k in sd:
     np.testing.assert_array_equal(again[k], sd[k])
+
+
+class _RunsCode:
+  """A pickle that creates a file when it is loaded."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pt_that_runs_code_is_refused(tmp_path, sd):
+  torch = require_torch()
+  marker = tmp_path / "ran"
+  path = tmp_path / "evil.pt"
+  weights = {k: torch.from_numpy(v) for k, v in sd.items()}
+  torch.save({"model": weights, "extra": _RunsCode(marker)}, path)
+  with pytest.raises(torch_io.UnsafeCheckpointError, match=r"system.*--trust_checkpoint"):
+    torch_io.load_torch_checkpoint(str(path))
+  assert not marker.exists(), "loading ran code from the file"
+  # The CLI says so in one line; nothing is written.
+  cmd = [sys.executable, "-m", "npp_jax.convert", "gpt", f"--checkpoint={path}"]
+  cmd += ["--config=configs/tiny.py", f"--out={tmp_path / 'out'}"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2 and "--trust_checkpoint" in res.stderr
+  assert not marker.exists() and not (tmp_path / "out").exists()
+  # Released checkpoints pickle their argparse arguments: those load without trust.
+  torch.save({"model": weights, "args": argparse.Namespace(gpt_model="GPT-B")}, path)
+  assert set(torch_io.load_torch_checkpoint(str(path))) == set(sd)
+  # Trust is explicit.
+  torch.save({"model": weights, "extra": _RunsCode(marker)}, path)
+  torch_io.load_torch_checkpoint(str(path), trust=True)
+  assert marker.exists()
 
 
 def test_pt_bf16_tensors_load_as_float32(tmp_path, sd):

@@ -37,7 +37,7 @@ def _dataset(tmp_path, **kw):
     vocab_size=64, num_classes=10, grid=8, global_batch=16, steps_per_epoch=6, num_steps=18, seed=3
   )
   args.update(kw)
-  return pipeline.train_dataset(str(tmp_path), **args)
+  return pipeline.train_dataset([str(tmp_path)], **args)
 
 
 def test_epochs_are_permutations_with_drop_last(tmp_path):
@@ -168,3 +168,75 @@ def test_mnist_is_real_and_cached(tmp_path):
   rec = src[0]
   np.testing.assert_array_equal(rec["codes"][0], GreyLevelTokenizer().encode(x[:1])[0])
   assert rec["label"] == y[0]
+
+
+def test_damaged_shards_and_dataset_json_are_named(tmp_path):
+  write_random_dataset(tmp_path, n=50)  # shards of 40 and 10 records
+  shard = tmp_path / "train-00001.array_record"
+  shard.write_bytes(b"\x00garbage" * 100)
+  with pytest.raises(ValueError, match=r"shard .*train-00001.array_record .*rebuild"):
+    pipeline.TokenSource(str(tmp_path), 64, 10, 8)[0]
+  # A shard cut short: its count no longer matches dataset.json.
+  write_random_dataset(tmp_path / "cut", n=50)
+  full = tmp_path / "cut" / "train-00000.array_record"
+  write_random_dataset(tmp_path / "small", n=20, records_per_shard=20)
+  full.write_bytes((tmp_path / "small" / "train-00000.array_record").read_bytes())
+  with pytest.raises(ValueError, match=r"train-00000.array_record holds 20 records but .* 40"):
+    pipeline.TokenSource(str(tmp_path / "cut"), 64, 10, 8)[0]
+  (tmp_path / "cut" / "dataset.json").write_text('{"num_records": 50, "grid"')
+  with pytest.raises(ValueError, match=r"dataset.json is malformed"):
+    pipeline.TokenSource(str(tmp_path / "cut"), 64, 10, 8)
+
+
+def test_a_damaged_digits_cache_is_rebuilt(tmp_path, caplog):
+  path = mnist.prepare(str(tmp_path))
+  first = pipeline.TokenSource(path, 16, 10, 16)[7]
+  with open(os.path.join(path, "train-00001.array_record"), "r+b") as f:
+    f.truncate(1000)
+  with caplog.at_level("WARNING"):
+    assert mnist.prepare(str(tmp_path)) == path
+  assert "rebuilding" in caplog.text
+  again = pipeline.TokenSource(path, 16, 10, 16)[7]
+  np.testing.assert_array_equal(again["codes"], first["codes"])
+
+
+def test_data_path_and_embedded_digits_conflict(tmp_path):
+  from npp_jax.data import datasets
+
+  with pytest.raises(ValueError, match=r"data.path='/x' is set but config.data.name='mnist'"):
+    datasets.dataset_dir("mnist", "/x", str(tmp_path))
+
+
+def _shifted_copy(src_dir, dst_dir, shift):
+  """Another 'extraction' of the same images: every code shifted by `shift`, same labels."""
+  src = pipeline.TokenSource(str(src_dir), 64, 10, 8)
+  records = [((src[i]["codes"] + shift) % 64, int(src[i]["label"])) for i in range(len(src))]
+  info = DatasetInfo(num_records=0, grid=8, vocab_size=64, num_classes=10, n_aug=1)
+  write_shards(records, str(dst_dir), info, records_per_shard=40)
+
+
+def test_two_extractions_are_mixed_per_example(tmp_path):
+  write_random_dataset(tmp_path / "a", n=96)
+  _shifted_copy(tmp_path / "a", tmp_path / "b", 32)
+  a = pipeline.TokenSource(str(tmp_path / "a"), 64, 10, 8)
+  args = dict(
+    vocab_size=64, num_classes=10, grid=8, global_batch=16, steps_per_epoch=6, num_steps=6, seed=3
+  )
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  stream = pipeline.EpochStream(a, 16, 6, 6, 3)
+  order = [stream.record_index(k) for k in range(96)]
+
+  def origins(weights):
+    ds = pipeline.train_dataset(dirs, weights=weights, **args)
+    tokens = np.concatenate([ds[t]["tokens"] for t in range(6)])
+    from_a = [np.array_equal(t, a[i]["codes"][0]) for t, i in zip(tokens, order, strict=True)]
+    return np.mean(from_a)
+
+  assert origins((1.0, 0.0)) == 1.0 and origins((0.0, 1.0)) == 0.0
+  assert 0.3 < origins(()) < 0.7  # equal weights: about half from each
+  # Extractions of other images are refused.
+  write_random_dataset(tmp_path / "c", n=96, seed=5)
+  with pytest.raises(ValueError, match="must hold the same images in the same order"):
+    pipeline.train_dataset([dirs[0], str(tmp_path / "c")], **args)
+  with pytest.raises(ValueError, match="one non-negative weight per dataset"):
+    pipeline.train_dataset(dirs, weights=(1.0,), **args)

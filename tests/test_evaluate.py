@@ -113,8 +113,8 @@ def test_demo_classifier_scores(tmp_path):
   images, labels, hold = judge.images, judge.labels, judge.hold
   # Real held-out digits as "samples": high accuracy, small distance.
   real = np.repeat(images[hold][..., None], 3, axis=-1)
-  os.makedirs(tmp_path / "samples")
-  np.savez(tmp_path / "samples" / "samples_500.npz", arr_0=real, labels=labels[hold])
+  os.makedirs(tmp_path / "samples" / "real")
+  np.savez(tmp_path / "samples" / "real" / "samples_500.npz", arr_0=real, labels=labels[hold])
   good = evaluate.run(c, str(tmp_path))
   assert good["class_accuracy"] == pytest.approx(acc)
   assert good["frechet_distance"] == pytest.approx(good["real_holdout_frechet_distance"])
@@ -122,7 +122,7 @@ def test_demo_classifier_scores(tmp_path):
   tok = GreyLevelTokenizer()
   noise = tok.decode(np.random.default_rng(0).integers(0, 16, (500, 256)))
   np.savez(
-    tmp_path / "samples" / "samples_500.npz",
+    tmp_path / "samples" / "real" / "samples_500.npz",
     arr_0=np.repeat(noise[..., None], 3, axis=-1),
     labels=labels[hold],
   )

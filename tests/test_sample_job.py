@@ -1,6 +1,8 @@
 """`mode=sample`: PNG grid, ADM-format npz, resume without redoing batches, weight sources."""
 
+import hashlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -37,18 +39,83 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   assert arr.shape == (40, 8, 8, 3) and arr.dtype == np.uint8
   assert labels.shape == (40,) and set(labels.tolist()) <= set(range(10))
   assert tokens.shape == (40, 64)
-  parts = sorted(os.listdir(wd / "samples" / "parts"))
-  assert parts == ["part-00000.npz", "part-00001.npz", "part-00002.npz"]
+  parts_dir = pathlib.Path(out["dir"]) / "parts"
+  assert out["dir"].startswith(str(wd / "samples" / "step3-raw-cfg1.5-topk0-topp1.0-temp1.0-seed0"))
+  assert sorted(os.listdir(parts_dir)) == ["part-00000.npz", "part-00001.npz", "part-00002.npz"]
+  assert os.path.exists(wd / "samples.png")
 
   # A crash that lost the last batch and the final file: only that batch is redone.
-  os.remove(wd / "samples" / "parts" / "part-00002.npz")
+  os.remove(parts_dir / "part-00002.npz")
   os.remove(out["npz"])
-  stamp = os.path.getmtime(wd / "samples" / "parts" / "part-00000.npz")
+  stamp = os.path.getmtime(parts_dir / "part-00000.npz")
   out2 = sample.run(c, str(wd))
-  assert os.path.getmtime(wd / "samples" / "parts" / "part-00000.npz") == stamp
+  assert os.path.getmtime(parts_dir / "part-00000.npz") == stamp
   with np.load(out2["npz"]) as z:
     np.testing.assert_array_equal(z["arr_0"], arr)
     np.testing.assert_array_equal(z["labels"], labels)
+
+
+def _digest(path):
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def test_samples_are_bound_to_their_settings(tmp_path):
+  data = tmp_path / "data"
+  write_random_dataset(data)
+  wd = tmp_path / "wd"
+  c = _sample_config(data)
+  train.run(c, str(wd))
+  first = sample.run(c, str(wd))
+  kept = _digest(first["npz"])
+  with np.load(first["npz"]) as z:
+    images, labels = z["arr_0"], z["labels"]
+  seen = {first["dir"]}
+  for key, value in (
+    ("cfg_scale", 3.0),
+    ("temperature", 0.7),
+    ("top_k", 5),
+    ("top_p", 0.9),
+    ("batch_size", 8),
+    ("seed", 1),
+    ("precision", "bfloat16"),
+  ):
+    other = _sample_config(data)
+    other.sample[key] = value
+    out = sample.run(other, str(wd))
+    assert out["dir"] not in seen, key
+    seen.add(out["dir"])
+    if key == "precision":
+      continue  # the tiny model may draw the same tokens in bf16
+    with np.load(out["npz"]) as z:
+      assert not np.array_equal(z["arr_0"], images), f"{key} reused the old images"
+      if key == "seed":
+        assert not np.array_equal(z["labels"], labels), "sample.seed draws the labels"
+    assert _digest(first["npz"]) == kept, f"{key} overwrote the first samples"
+  # The same settings again: nothing is redone or rewritten.
+  again = sample.run(c, str(wd))
+  assert again["npz"] == first["npz"] and _digest(first["npz"]) == kept
+  # A folder whose settings.json says otherwise is refused.
+  settings = pathlib.Path(first["dir"]) / "settings.json"
+  settings.write_text(settings.read_text().replace('"seed": 0', '"seed": 9'))
+  with pytest.raises(ValueError, match="holds samples of other settings"):
+    sample.run(c, str(wd))
+
+
+def test_bad_sample_settings_fail_before_sampling(tmp_path):
+  data = tmp_path / "data"
+  write_random_dataset(data)
+  wd = tmp_path / "wd"
+  train.run(_sample_config(data), str(wd))
+  for key, value, message in (
+    ("num_images", -5, "num_images=-5 must be >= 0"),
+    ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("png_per_class", 0, "png_per_class=0 must be >= 1"),
+    ("batch_size", 12, "batch_size=12 must be a multiple of the 8"),
+  ):
+    c = _sample_config(data)
+    c.sample[key] = value
+    with pytest.raises(ValueError, match=message):
+      sample.run(c, str(wd))
 
 
 def test_sample_from_converted_dir_and_pt(tmp_path, golden_dir):

@@ -85,6 +85,12 @@ def test_cli_and_loader(tmp_path, golden_dir, vq_sd, vq_io):
   cfg, params = tokenizers.load_vq(c)
   assert cfg == TINY_VQ
   tok = tokenizers.VQTokenizer(cfg, params)
+  hlo = tok._encode.lower(tok.params, jnp.zeros((1, 64, 64, 3))).as_text()
+  assert "precision HIGHEST" in hlo, "extraction runs at float32 precision on every platform"
+  fast = tokenizers.VQTokenizer(cfg, params, precision="default")
+  assert (
+    "precision HIGHEST" not in fast._encode.lower(fast.params, jnp.zeros((1, 64, 64, 3))).as_text()
+  )
   codes = tok.encode(jnp.asarray(nhwc(vq_io["x"])))
   np.testing.assert_array_equal(np.asarray(codes).reshape(2, -1), vq_io["indices"])
   images = tokenizers.decoder(c)(vq_io["indices"])

@@ -6,6 +6,17 @@ from npp_jax.data import mnist
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 
 
+def dataset_dirs(
+  name: str, path: str, cache_dir: str, grid: int = 16, levels: int = 16
+) -> list[str]:
+  """The directories of token shards to read (`config.data.path` may name several,
+  separated by commas: extractions of the same images mixed by `config.data.weights`)."""
+  if name == "mnist":
+    return [dataset_dir(name, path, cache_dir, grid, levels)]
+  dirs = [p.strip() for p in path.split(",") if p.strip()]
+  return [dataset_dir(name, d, cache_dir, grid, levels) for d in dirs or [""]]
+
+
 def dataset_dir(name: str, path: str, cache_dir: str, grid: int = 16, levels: int = 16) -> str:
   """The directory of token shards to read; the embedded `mnist` one is built on first use.
 
@@ -16,6 +27,11 @@ def dataset_dir(name: str, path: str, cache_dir: str, grid: int = 16, levels: in
     grid, levels: the grey-level tokenizer of the embedded digits.
   """
   if name == "mnist":
+    if path:
+      raise ValueError(
+        f"config.data.path={path!r} is set but config.data.name='mnist' trains on the embedded "
+        "digits; clear one of them."
+      )
     return mnist.prepare(cache_dir, GreyLevelTokenizer(grid=grid, levels=levels))
   if not path:
     raise ValueError(

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
+from npp_jax.data.pipeline import TokenSource
 from npp_jax.data.records import DatasetInfo, write_shards
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,29 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
   return np.clip(img, 0, 255).astype(np.uint8), d.target.astype(np.int64), "sklearn digits"
 
 
+def _intact(target: str, tok: GreyLevelTokenizer) -> bool:
+  """Whether the cache at `target` exists and every record reads back (else it is rebuilt)."""
+  if not os.path.exists(os.path.join(target, "dataset.json")):
+    return False
+  try:
+    info = DatasetInfo.load(target)
+    if info.grid != tok.grid or info.vocab_size != tok.vocab_size:
+      return False
+    src = TokenSource(target, info.vocab_size, info.num_classes, info.grid)
+    for i in range(len(src)):
+      src[i]
+    return True
+  except (ValueError, FileNotFoundError) as e:
+    log.warning("the digits cache %s is damaged (%s); rebuilding it.", target, e)
+    return False
+
+
 def prepare(cache_dir: str, tokenizer: GreyLevelTokenizer | None = None) -> str:
   """Tokenizes the digits once into `cache_dir/mnist_g{grid}_v{levels}`; returns that path."""
   tok = tokenizer or GreyLevelTokenizer()
   target = os.path.join(os.path.abspath(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
-  try:
-    info = DatasetInfo.load(target)
-    if info.grid == tok.grid and info.vocab_size == tok.vocab_size:
-      return target
-  except FileNotFoundError:
-    pass
+  if _intact(target, tok):
+    return target
   images, labels, name = load_digits()
   codes = tok.encode(images)
   tmp = target + f".tmp{os.getpid()}"

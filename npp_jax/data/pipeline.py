@@ -15,6 +15,15 @@ import numpy as np
 
 from npp_jax.data.records import DatasetInfo, decode_record
 
+_REBUILD = (
+  "the dataset is damaged; rebuild it with `--config.mode=extract` (the embedded digits "
+  "rebuild themselves)."
+)
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
 
 class TokenSource(grain.sources.RandomAccessDataSource):
   """Validated random access to token records: {"codes": (n_aug, seq) int32, "label": int}."""
@@ -35,8 +44,30 @@ class TokenSource(grain.sources.RandomAccessDataSource):
 
   def _source(self):
     if self._src is None:  # opened lazily so the object pickles into grain workers
-      self._src = grain.sources.ArrayRecordDataSource(self._paths)
+      try:
+        src = grain.sources.ArrayRecordDataSource(self._paths)
+        length = len(src)
+      except Exception:  # noqa: BLE001 (array_record raises several kinds)
+        self._check_shards()
+        raise
+      if length != len(self):
+        self._check_shards()
+      self._src = src
     return self._src
+
+  def _check_shards(self) -> None:
+    """Names the first shard that cannot be opened or holds other than its listed count."""
+    for path, want in zip(self._paths, self.info.shard_sizes, strict=True):
+      try:
+        got = len(grain.sources.ArrayRecordDataSource([path]))
+      except Exception as e:  # noqa: BLE001
+        raise ValueError(
+          f"shard {path} cannot be read ({type(e).__name__}: {_first_line(e)}): {_REBUILD}"
+        ) from None
+      if got != want:
+        raise ValueError(
+          f"shard {path} holds {got} records but dataset.json lists {want}: {_REBUILD}"
+        )
 
   def __getstate__(self):
     return {**self.__dict__, "_src": None}
@@ -50,10 +81,13 @@ class TokenSource(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
+    source = self._source()
     try:
-      codes, label = decode_record(self._source()[index])
-    except ValueError as e:
-      raise ValueError(f"{self.directory}: {self.where(index)} is corrupt: {e}") from e
+      codes, label = decode_record(source[index])
+    except Exception as e:  # noqa: BLE001 (damaged shards raise several kinds)
+      raise ValueError(
+        f"{self.directory}: {self.where(index)} is corrupt ({_first_line(e)}): {_REBUILD}"
+      ) from None
     if codes.shape[1] != self.seq:
       raise ValueError(
         f"{self.directory}: {self.where(index)} has {codes.shape[1]} tokens per image but the "
@@ -73,12 +107,54 @@ class TokenSource(grain.sources.RandomAccessDataSource):
     return {"codes": codes, "label": np.int32(label)}
 
 
+class ExtractionMix(grain.sources.RandomAccessDataSource):
+  """Several extractions of the same images, record i of each being image i.
+
+  The reference trains on two extractions (crop ranges 1.1 and 1.05) and picks one per
+  example with probability 0.5; `PickVariant` draws the extraction with `weights`, then
+  one of its variants.
+  """
+
+  def __init__(self, sources: list[TokenSource], weights: tuple[float, ...] = ()):
+    weights = tuple(float(w) for w in weights) or (1.0,) * len(sources)
+    if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
+      raise ValueError(
+        f"config.data.weights={weights} must give one non-negative weight per dataset "
+        f"({len(sources)} in config.data.path), not all zero."
+      )
+    first = sources[0]
+    for other in sources[1:]:
+      for key in ("num_records", "grid", "vocab_size", "num_classes"):
+        if getattr(other.info, key) != getattr(first.info, key):
+          raise ValueError(
+            f"datasets {first.directory} and {other.directory} differ in {key} "
+            f"({getattr(first.info, key)} vs {getattr(other.info, key)}): mixed extractions "
+            "must hold the same images in the same order."
+          )
+      for i in sorted({0, len(first) // 2, len(first) - 1}):
+        if other[i]["label"] != first[i]["label"]:
+          raise ValueError(
+            f"record {i} has label {first[i]['label']} in {first.directory} but "
+            f"{other[i]['label']} in {other.directory}: mixed extractions must hold the "
+            "same images in the same order."
+          )
+    self.sources = sources
+    self.probs = np.asarray(weights) / sum(weights)
+
+  def __len__(self) -> int:
+    return len(self.sources[0])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    items = [s[index] for s in self.sources]
+    return {"codes": [it["codes"] for it in items], "label": items[0]["label"], "p": self.probs}
+
+
 class EpochStream(grain.sources.RandomAccessDataSource):
   """This host's k-th example -> the record of the global stream (see module docstring)."""
 
   def __init__(
     self,
-    source: TokenSource,
+    source: ExtractionMix,
     global_batch: int,
     steps_per_epoch: int,
     num_steps: int,
@@ -119,13 +195,16 @@ class PickVariant(grain.transforms.RandomMap):
   """Draws one augmentation variant (the reference's ten-crop/flip codes) per example."""
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    codes = element["codes"]
+    extractions = element["codes"]
+    # One extraction draws nothing, so such runs keep their exact stream.
+    k = rng.choice(len(extractions), p=element["p"]) if len(extractions) > 1 else 0
+    codes = extractions[k]
     v = rng.integers(codes.shape[0]) if codes.shape[0] > 1 else 0
     return {"tokens": codes[v], "label": element["label"]}
 
 
 def train_dataset(
-  directory: str,
+  directories: list[str],
   *,
   vocab_size: int,
   num_classes: int,
@@ -136,9 +215,15 @@ def train_dataset(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  weights: tuple[float, ...] = (),
 ) -> grain.MapDataset:
-  """MapDataset whose item t is this host's batch of step t: {"tokens" (b, seq), "label" (b,)}."""
-  source = TokenSource(directory, vocab_size, num_classes, grid)
+  """MapDataset whose item t is this host's batch of step t: {"tokens" (b, seq), "label" (b,)}.
+
+  Several `directories` are extractions of the same images mixed per example with `weights`.
+  """
+  source = ExtractionMix(
+    [TokenSource(d, vocab_size, num_classes, grid) for d in directories], weights
+  )
   stream = EpochStream(
     source, global_batch, steps_per_epoch, num_steps, seed, process_index, process_count
   )

@@ -44,11 +44,17 @@ class DatasetInfo:
         f"{path} not found: {directory!r} is not a tokenized dataset (write one with "
         "`--config.mode=extract`, or use configs/mnist.py for the embedded digits)."
       )
-    with open(path) as f:
-      raw = json.load(f)
-    raw["shards"] = tuple(raw.get("shards", ()))
-    raw["shard_sizes"] = tuple(raw.get("shard_sizes", ()))
-    return cls(**raw)
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+      raw["shards"] = tuple(raw.get("shards", ()))
+      raw["shard_sizes"] = tuple(raw.get("shard_sizes", ()))
+      return cls(**raw)
+    except (ValueError, TypeError, AttributeError) as e:
+      raise ValueError(
+        f"{path} is malformed ({type(e).__name__}: {e}); rebuild the dataset with "
+        "`--config.mode=extract` (the embedded digits rebuild themselves when it is deleted)."
+      ) from None
 
 
 def encode_record(codes: np.ndarray, label: int) -> bytes:

@@ -34,8 +34,9 @@ def load_npz(path: str, what: str) -> dict[str, np.ndarray]:
 
 
 def latest_samples(workdir: str) -> str:
-  """The newest WORKDIR/samples/samples_*.npz that `mode=sample` wrote."""
-  found = sorted(glob.glob(os.path.join(workdir, "samples", "samples_*.npz")), key=os.path.getmtime)
+  """The newest WORKDIR/samples/<settings>/samples_*.npz that `mode=sample` wrote."""
+  found = glob.glob(os.path.join(workdir, "samples", "*", "samples_*.npz"))
+  found = sorted(found, key=os.path.getmtime)
   if not found:
     raise FileNotFoundError(
       f"no samples_*.npz in {workdir}/samples: run --config.mode=sample "

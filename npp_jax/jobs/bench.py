@@ -143,7 +143,7 @@ def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
   abstract = vqgan.abstract_params(cfg)
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
   params = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape), abstract)
-  tok = tokenizers.VQTokenizer(cfg, params)
+  tok = tokenizers.VQTokenizer(cfg, params, precision=c.tokenizer.precision)
   x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1.0)
   codes = jax.block_until_ready(tok.encode(x))
   jax.block_until_ready(tok.decode(codes))

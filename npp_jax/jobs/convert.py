@@ -24,6 +24,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("out", None, "output directory (orbax params + config)", flag_values=fv)
   flags.DEFINE_string("key", None, "checkpoint entry to read (default: model)", flag_values=fv)
   flags.DEFINE_bool("force", False, "replace an existing output", flag_values=fv)
+  flags.DEFINE_bool(
+    "trust_checkpoint", False, "load a .pt that pickles objects besides tensors", flag_values=fv
+  )
   for name in ("checkpoint", "out"):
     flags.mark_flag_as_required(name, flag_values=fv)
 
@@ -32,7 +35,8 @@ def main(argv: list[str]) -> int:
   """`argv[1]` is the kind (gpt or vq); the rest are flags."""
   kind, fv = config_lib.parse_command(argv, KINDS, _define_flags)
   c = fv.config
-  sd = torch_io.load_torch_checkpoint(fv.checkpoint, key=fv.key)
+  trust = fv.trust_checkpoint or c.trust_checkpoint
+  sd = torch_io.load_torch_checkpoint(fv.checkpoint, key=fv.key, trust=trust)
   n = sum(int(np.prod(x.shape)) for x in sd.values())
   if kind == "vq":
     vcfg = config_lib.vq_config(c)

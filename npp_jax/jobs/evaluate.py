@@ -54,7 +54,7 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"sample batch {samples_path} has keys {sorted(data)}, no `arr_0` images.")
   samples = sample_batches.check_images(data["arr_0"], f"sample batch {samples_path}")
   variables = inception_torch.variables_from_torch(
-    torch_io.load_torch_checkpoint(e.inception_checkpoint)
+    torch_io.load_torch_checkpoint(e.inception_checkpoint, trust=c.trust_checkpoint)
   )
   extract = inception_fid.FeatureExtractor(
     variables, e.preprocess, e.batch_size, sharding.make_mesh(c.mesh.to_dict())

@@ -138,7 +138,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       len(classes),
       c.model.num_classes,
     )
-  encode = Encoder(tokenizers.VQTokenizer(vq_cfg, vq_params), e.batch_size)
+  tok = tokenizers.VQTokenizer(vq_cfg, vq_params, precision=c.tokenizer.precision)
+  encode = Encoder(tok, e.batch_size)
   shards = list(_shards(len(items), e.images_per_shard))
   host, hosts = jax.process_index(), jax.process_count()
   mine = [s for s in shards if s[0] % hosts == host]

@@ -47,9 +47,9 @@ class Plan:
     return npp.stage_of_step(step, self.steps_per_epoch, self.stage_end_epochs)
 
 
-def dataset_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """The token dataset the config trains on (the embedded digits are built on first use)."""
-  return datasets.dataset_dir(
+def dataset_dirs(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The token datasets the config trains on (the embedded digits are built on first use)."""
+  return datasets.dataset_dirs(
     c.data.name,
     c.data.path,
     c.data.cache_dir or os.path.join(workdir, "data"),
@@ -65,6 +65,7 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo |
   With `info=None` (no dataset yet) steps are counted per epoch of one step.
   """
   config_lib.check_mode(c)
+  config_lib.check_training(c)
   cfg = config_lib.gpt_config(c)
   mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
   dp = mesh_shape[0] * mesh_shape[1]
@@ -128,9 +129,9 @@ class Trainer:
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
     self.c, self.workdir = c, os.path.abspath(workdir)
-    self.cfg: GPTConfig = config_lib.gpt_config(c)
-    data_dir = dataset_dir(c, self.workdir)
-    self.info = DatasetInfo.load(data_dir)
+    self.cfg: GPTConfig = config_lib.train_gpt_config(c)
+    self.data_dirs = data_dirs = dataset_dirs(c, self.workdir)
+    self.info = DatasetInfo.load(data_dirs[0])
     self.plan = plan_run(c, jax.device_count(), self.info)
     if c.train.max_steps > 0:
       self.plan = dataclasses.replace(
@@ -152,7 +153,7 @@ class Trainer:
     self._compiled: dict[int, Any] = {}
 
     ds = pipeline.train_dataset(
-      data_dir,
+      data_dirs,
       vocab_size=self.cfg.vocab_size,
       num_classes=self.cfg.num_classes,
       grid=self.cfg.grid,
@@ -162,6 +163,7 @@ class Trainer:
       seed=c.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      weights=tuple(c.data.weights),
     )
     self.data_iter = pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size)
 
@@ -220,18 +222,25 @@ class Trainer:
     }
 
 
-def _check_finite(pending: list, workdir: str, last_saved: int | None) -> None:
+def _check_finite(pending: list, workdir: str, last_saved: int | None, resumed_from: int | None):
+  """Raises FloatingPointError at the first non-finite loss of `pending`, naming what to do."""
   for step, side, m in pending:
     loss = float(m["loss"])
     if not math.isfinite(loss):
-      where = (
-        f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints"
-        if last_saved is not None
-        else "no checkpoint was written yet"
-      )
+      if resumed_from is not None and last_saved == resumed_from:
+        where = (
+          f"the run had resumed from the checkpoint at step {resumed_from} only "
+          f"{step - resumed_from} steps before, so that checkpoint is suspect: move "
+          f"{workdir}/checkpoints/{resumed_from} aside to resume from the one before it"
+        )
+      elif last_saved is not None:
+        where = f"the last checkpoint is step {last_saved} in {workdir}/checkpoints"
+      else:
+        where = "no checkpoint was written yet"
       raise FloatingPointError(
         f"loss became {loss} at step {step} (patch side {side}, lr {float(m['lr']):.3g}); "
-        f"training stopped and {where}. Lower optim.lr, raise optim.grad_clip, or check the data."
+        f"training stopped and {where}. Otherwise lower optim.lr, raise optim.grad_clip, "
+        "or check the data."
       )
   pending.clear()
 
@@ -239,8 +248,14 @@ def _check_finite(pending: list, workdir: str, last_saved: int | None) -> None:
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains until the end of the NPP schedule (or train.max_steps), resuming if possible.
 
-  Returns a summary: final step, last logged metrics, the compile log.
+  Returns a summary: final step, last logged metrics, the compile log. A second trainer
+  on the same workdir is refused while this one runs.
   """
+  with checkpoint.WorkdirLock(workdir):
+    return _train(c, workdir)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainer = Trainer(c, workdir)
   plan, cfg = trainer.plan, trainer.cfg
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
@@ -248,7 +263,14 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_dict = checkpoint.config_to_dict(c)
 
   abstract = checkpoint.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding)
-  restored = ckpt.restore_latest(abstract, trainer.data_iter, config_dict)
+  dataset = {
+    **{k: getattr(trainer.info, k) for k in ("num_records", "grid", "vocab_size", "num_classes")},
+    "n_aug": trainer.info.n_aug,
+    "steps_per_epoch": plan.steps_per_epoch,
+    "extractions": len(trainer.data_dirs),
+  }
+  restored = ckpt.restore_latest(abstract, trainer.data_iter, config_dict, dataset)
+  resumed_from = restored[0] if restored is not None else None
   if restored is not None:
     start, state, meta = restored
     writer.truncate_after(start)
@@ -287,7 +309,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pending.append((step + 1, side, m))
         done = step + 1
         if done % c.train.log_every_steps == 0 or done == plan.total_steps:
-          _check_finite(pending, trainer.workdir, last_saved)
+          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
           tokens = gb * (cfg.grid // side) ** 2
           rates = throughput.update(done, gb, tokens)
           last_metrics = {
@@ -318,7 +340,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         boundary = done in plan.stage_end_steps or done == plan.total_steps
         stop = guard.should_stop(done)
         if boundary or stop or done % c.train.ckpt_every_steps == 0:
-          _check_finite(pending, trainer.workdir, last_saved)
+          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
           next_stage = plan.stage(done) if done < plan.total_steps else stage
           ckpt.save(
             done,
@@ -330,6 +352,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "patch_side": plan.patch_sides[next_stage],
               "config": config_dict,
               "model": cfg.to_dict(),
+              "dataset": dataset,
             },
           )
           last_saved = done
@@ -344,7 +367,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             trainer.workdir,
           )
           break
-      _check_finite(pending, trainer.workdir, last_saved)
+      _check_finite(pending, trainer.workdir, last_saved, resumed_from)
     finally:
       ckpt.close()
       writer.close()
@@ -354,7 +377,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "compile_log": trainer.compile_log,
     "state": state,
     "plan": plan,
-    "resumed_from": start if restored is not None else None,
+    "resumed_from": resumed_from,
     "stopped_by": stopped,
   }
 

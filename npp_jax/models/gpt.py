@@ -1,8 +1,9 @@
 """The LlamaGen class-conditional GPT in Flax Linen, with NPP patch inputs and a KV cache.
 
 Layers are stacked with `nn.scan` (one compiled block whatever the depth), so every
-per-layer parameter has a leading "layers" axis. The residual stream stays float32;
-matmuls run in `cfg.dtype` (bf16 by default) as under PyTorch autocast in the reference.
+per-layer parameter has a leading "layers" axis. The residual stream stays float32 (or
+`cfg.residual_dtype`); matmuls run in `cfg.dtype` (bf16 by default) as under PyTorch
+autocast in the reference.
 """
 
 import functools
@@ -138,7 +139,10 @@ class Attention(nn.Module):
     # Grouped-query attention without copying K/V: query head h uses kv head h // group.
     group = nh // nkv
     qg = q.reshape(b, t, nkv, group, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys).astype(jnp.float32) / np.sqrt(hd)
+    # Scores in float32 straight from the matmul (not rounded to bf16 first), as the
+    # reference's fused attention computes them.
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(hd)
     causal = k_pos[None, :] <= q_pos[:, None]
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -186,10 +190,10 @@ class Block(nn.Module):
 
   def _drop_path(self, x, rate, deterministic):
     if deterministic or self.cfg.drop_path_rate == 0:
-      return x.astype(jnp.float32)
+      return x.astype(self.cfg.residual)
     keep = 1.0 - rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1))
-    return jnp.where(mask, x.astype(jnp.float32) / keep, 0.0)
+    return jnp.where(mask, x.astype(self.cfg.residual) / keep, 0.0).astype(self.cfg.residual)
 
 
 def _remat(cls, policy: str):
@@ -257,7 +261,7 @@ class GPT(nn.Module):
 
   def _trunk(self, h, rope, deterministic, cache=None, cache_index=None):
     cfg = self.cfg
-    h = self.tok_dropout(h, deterministic=deterministic).astype(jnp.float32)
+    h = self.tok_dropout(h, deterministic=deterministic).astype(cfg.residual)
     rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
     layer_ids = jnp.arange(cfg.n_layer)
     (h, new_cache), _ = self.layers((h, cache), rates, layer_ids, rope, cache_index, deterministic)
@@ -319,7 +323,7 @@ class GPT(nn.Module):
       h = jnp.take(self.tok_embeddings, tokens, axis=0)
     table = jnp.asarray(npp.rope_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num))
     rope = jax.lax.dynamic_slice_in_dim(table, cache_index, h.shape[1], axis=0)
-    return self._trunk(h.astype(jnp.float32), rope, True, cache, cache_index)
+    return self._trunk(h, rope, True, cache, cache_index)
 
 
 @functools.cache

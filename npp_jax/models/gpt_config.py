@@ -53,6 +53,9 @@ class GPTConfig:
   drop_path_rate: float = 0.0
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
+  # The residual stream between blocks: float32 (default), or the compute dtype for a
+  # model run wholly in bf16 (the reference's sampling script).
+  residual_dtype: str = "float32"
   # Rematerialise each block in the backward pass: "none", "full" or "dots" (save matmuls).
   remat: str = "none"
 
@@ -89,7 +92,7 @@ class GPTConfig:
     ):
       if not 0.0 <= getattr(self, name) < 1.0:
         problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1)")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype", "residual_dtype"):
       if getattr(self, name) not in _DTYPES:
         problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
     if self.remat not in ("none", "full", "dots"):
@@ -137,6 +140,10 @@ class GPTConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+  @property
+  def residual(self) -> jnp.dtype:
+    return jnp.dtype(self.residual_dtype)
 
   @property
   def storage_dtype(self) -> jnp.dtype:
