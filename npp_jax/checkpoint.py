@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,10 @@ def _fingerprint(leaves: list[jax.Array]) -> jax.Array:
 
 def fingerprint(tree: Any) -> int:
   """A 32-bit digest of every bit of `tree`'s arrays, computed where they live."""
-  return int(jax.device_get(_fingerprint(jax.tree.leaves(tree))))
+  digest = _fingerprint(jax.tree.leaves(tree))
+  # A replicated scalar: every process reads its own copy (a global fetch would fail on
+  # several hosts).
+  return int(np.asarray(digest.addressable_data(0)))
 
 
 def _key_str(entry: Any) -> str:

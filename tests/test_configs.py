@@ -130,3 +130,22 @@ def _leaves(c, prefix=""):
       yield from _leaves(v, path + ".")
     else:
       yield path, v
+
+
+def test_command_line_errors_are_one_line():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  for args, message in (
+    (["--config.train.epoch=3"], "unknown config key 'epoch' in --config.train.epoch; did you"),
+    (["--config.trian.epochs=3"], "unknown config key 'trian'"),
+    (["--config.train.epochs=abc"], "invalid literal for int()"),
+    (["--config.mode=serve"], "config.mode='serve'; choose one of"),
+    ([], "config.data.path is empty"),
+  ):
+    cmd = [sys.executable, "-m", "npp_jax.main", f"--config={CONFIGS / 'b.py'}"]
+    res = subprocess.run(
+      [*cmd, "--workdir=/tmp/npp_cli_errors", *args], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-500:])
+    assert "Traceback" not in res.stderr, args

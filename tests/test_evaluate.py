@@ -129,3 +129,6 @@ def test_demo_classifier_scores(tmp_path):
   bad = evaluate.run(c, str(tmp_path))
   assert bad["frechet_distance"] > 10 * good["frechet_distance"]
   assert bad["class_accuracy"] < 0.5
+  # Float images are refused, not scored.
+  with pytest.raises(ValueError, match="samples must be uint8"):
+    judge.score(images[hold].astype(np.float32), labels[hold])

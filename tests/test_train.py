@@ -219,6 +219,17 @@ def test_bad_configs_are_rejected_before_compiling(data_dir, tmp_path):
     ({"model.vocab_size": 32}, "the dataset has vocab_size=64 but config.model.vocab_size=32"),
     ({"train.patch_level": 5}, "patch_level must be 1, 2, 3 or 4"),
     ({"model.n_head": 3}, "dim=32 is not divisible by n_head=3"),
+    ({"optim.lr": -1e-3}, r"optim.lr=-0.001 must be > 0"),
+    ({"train.keep_checkpoints": 0}, "keep_checkpoints=0 must be >= 1"),
+    ({"train.ckpt_every_steps": 0}, "ckpt_every_steps=0 must be >= 1"),
+    ({"train.log_every_steps": -1}, "log_every_steps=-1 must be >= 1"),
+    ({"model.dtype": "float16"}, "float16 would train without loss scaling"),
+    ({"tokenizer.name": "bogus"}, r"tokenizer.name='bogus'; use one of"),
+    (
+      {"tokenizer.name": "grey", "tokenizer.levels": 16},
+      "levels=16 but config.model.vocab_size=64",
+    ),
+    ({"tokenizer.preset": "VQ-32"}, r"tokenizer.preset='VQ-32'; use one of"),
   ]
   _COUNTER.count, _COUNTER.active = 0, True
   try:
@@ -234,6 +245,16 @@ def test_bad_configs_are_rejected_before_compiling(data_dir, tmp_path):
     config_lib.get_config("XS")
   with pytest.raises(ValueError, match="config.data.path is empty"):
     train.Trainer(tiny_config(""), str(tmp_path / "wd"))
+
+
+def test_drop_path_turns_residual_and_ffn_dropout_off(data_dir, tmp_path, caplog):
+  """As the reference's train_c2i.py: dropout_p = 0 when drop_path_rate > 0."""
+  with caplog.at_level(logging.INFO):
+    cfg = train.Trainer(tiny_config(data_dir, **{"model.drop_path_rate": 0.1}), str(tmp_path)).cfg
+  assert (cfg.resid_dropout_p, cfg.ffn_dropout_p, cfg.drop_path_rate) == (0.0, 0.0, 0.1)
+  assert cfg.token_dropout_p == 0.1 and "dropout are off" in caplog.text
+  cfg = train.Trainer(tiny_config(data_dir), str(tmp_path / "b")).cfg
+  assert (cfg.resid_dropout_p, cfg.ffn_dropout_p) == (0.1, 0.1)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):

@@ -124,6 +124,12 @@ class DigitJudge:
 
   def score(self, grey: np.ndarray, requested: np.ndarray) -> dict:
     """Scores uint8 (N, grid, grid) samples generated for the classes `requested`."""
+    grey = np.asarray(grey)
+    if grey.dtype != np.uint8:
+      raise ValueError(
+        f"samples must be uint8 images (ADM format), got {grey.dtype}; convert with "
+        "np.clip(x, 0, 255).astype(np.uint8)."
+      )
     if grey.shape[1:] != self.images.shape[1:]:
       raise ValueError(f"samples are {grey.shape[1:]} images, the digits {self.images.shape[1:]}.")
     feats, logits = _apply(self.params, grey)
