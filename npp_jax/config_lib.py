@@ -13,6 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from npp_jax import npp
 from npp_jax.models.gpt_config import PRESETS, GPTConfig
 from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
 
@@ -67,6 +68,8 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # reference trains) mixed per example with `weights` (default: equal).
   c.data.path = ""
   c.data.weights = ()
+  # Held-out token dataset for train.eval_every_steps (the embedded digits hold out 500).
+  c.data.eval_path = ""
   c.data.name = "imagenet_codes"  # or "mnist": the embedded digits, built on first use
   c.data.worker_count = 0  # grain multiprocessing workers; 0 reads in the main process
   c.data.prefetch_buffer_size = 4
@@ -83,6 +86,10 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.train.ckpt_every_steps = 5000
   c.train.keep_checkpoints = 3
   c.train.max_steps = -1  # stop early (for smoke runs); -1 trains the whole schedule
+  # Every this many steps, the next-token loss (patch side 1) on eval_batches held-out
+  # batches, comparable across stages and schedules (0: off).
+  c.train.eval_every_steps = 0
+  c.train.eval_batches = 4
   c.train.init_from = ""  # orbax params directory from `python -m npp_jax.convert`
 
   c.optim = ml_collections.ConfigDict()
@@ -149,6 +156,15 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.eval.preprocess = "adm"  # "adm" reproduces the published numbers; or "pytorch_fid"
   c.eval.batch_size = 500
   c.eval.is_split_size = 5000
+  c.eval.judge_cache = ""  # the digit judge's weights (default: WORKDIR/classifier.npz)
+
+  # `python -m npp_jax.study`: the schedules (1 = next-token prediction) and seeds it
+  # trains on the same data and epochs, and the samples each final model is judged on.
+  c.study = ml_collections.ConfigDict()
+  c.study.patch_levels = (1, 2, 3)
+  c.study.epoch_rate = 0.5
+  c.study.seeds = (0, 1)
+  c.study.num_images = 200
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -210,9 +226,16 @@ def train_gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
 def check_training(c: ml_collections.ConfigDict) -> None:
   """One-line errors for settings that would train wrongly or fail late; compiles nothing."""
   t, o = c.train, c.optim
-  for name in ("epochs", "log_every_steps", "ckpt_every_steps", "keep_checkpoints"):
+  for name in ("epochs", "log_every_steps", "ckpt_every_steps", "keep_checkpoints", "eval_batches"):
     if t[name] < 1:
       raise ValueError(f"config.train.{name}={t[name]} must be >= 1.")
+  if t.eval_every_steps < 0:
+    raise ValueError(f"config.train.eval_every_steps={t.eval_every_steps} must be >= 0 (0: off).")
+  if t.eval_every_steps and c.data.name != "mnist" and not c.data.eval_path:
+    raise ValueError(
+      "config.train.eval_every_steps needs held-out data: set config.data.eval_path to "
+      "codes extracted from a split you do not train on (e.g. --config.extract.split=validation)."
+    )
   if not o.lr > 0:
     raise ValueError(f"config.optim.lr={o.lr} must be > 0.")
   for name in ("end_lr", "weight_decay", "warmup_epochs", "grad_clip", "eps"):
@@ -274,6 +297,20 @@ def sampling_gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
       cfg, dtype="bfloat16", param_dtype="bfloat16", residual_dtype="bfloat16"
     )
   return cfg
+
+
+def check_study(c: ml_collections.ConfigDict) -> None:
+  """The study's schedules, seeds and per-run settings, checked before anything trains."""
+  st = c.study
+  if not st.patch_levels or not st.seeds:
+    raise ValueError("config.study.patch_levels and config.study.seeds must not be empty.")
+  for level in st.patch_levels:
+    npp.stage_boundaries(c.train.epochs, level, st.epoch_rate)  # every stage gets epochs
+  if st.num_images < 1:
+    raise ValueError(f"config.study.num_images={st.num_images} must be >= 1.")
+  if not c.train.eval_every_steps:
+    raise ValueError("config.train.eval_every_steps must be > 0: the study compares held-out loss.")
+  check_training(c)
 
 
 def check_mode(c: ml_collections.ConfigDict) -> None:

@@ -6,14 +6,12 @@
 
 import logging
 import os
-import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import checkpoint, config_lib
+from npp_jax import cli, config_lib
 from npp_jax.jobs import evaluate, extract, sample, train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,16 +20,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
-# NPP_TRACEBACK=1 shows the traceback instead.
-USER_ERRORS = (
-  ValueError,
-  FileNotFoundError,
-  FileExistsError,
-  ImportError,
-  FloatingPointError,
-  checkpoint.WorkdirBusyError,
-)
 JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}
 log = logging.getLogger("npp_jax.main")
 
@@ -62,41 +50,9 @@ def main(argv):
     log.info("%s: %s", c.mode, out)
 
 
-def setup_logging() -> None:
-  """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING."""
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logger = logging.getLogger("npp_jax")
-  logger.setLevel(logging.INFO)
-  if not logger.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with unknown config keys and bad values as one line (exit status 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as e:
-    print(f"error: {config_lib.flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run():
   """Console entry point (`npp-jax`)."""
-
-  def _main(argv):
-    setup_logging()
-    try:
-      main(argv)
-    except USER_ERRORS as e:
-      if os.environ.get("NPP_TRACEBACK") == "1":
-        raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  app.run(_main, flags_parser=_parse_flags)
+  cli.run(main)
 
 
 if __name__ == "__main__":

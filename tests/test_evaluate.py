@@ -105,16 +105,18 @@ def test_demo_classifier_scores(tmp_path):
 
   c = load_config_file("mnist")
   c.data.cache_dir = str(tmp_path / "data")
-  data_dir = datasets.dataset_dir("mnist", "", c.data.cache_dir)
-  judge = digits.DigitJudge.load_or_train(data_dir, 16, str(tmp_path / "classifier.npz"))
+  train_dir = datasets.dataset_dir("mnist", "", c.data.cache_dir)
+  heldout = datasets.heldout_dir("mnist", "", c.data.cache_dir)
+  judge = digits.DigitJudge.load_or_train(train_dir, heldout, 16, str(tmp_path / "classifier.npz"))
+  assert len(judge.train_images) == 4500 and len(judge.held_images) == 500
   acc = judge.accuracy_on_real()
   assert acc > 0.85, "the judge must read real digits"
   assert os.path.exists(tmp_path / "classifier.npz")
-  images, labels, hold = judge.images, judge.labels, judge.hold
+  held, held_labels = judge.held_images, judge.held_labels
   # Real held-out digits as "samples": high accuracy, small distance.
-  real = np.repeat(images[hold][..., None], 3, axis=-1)
+  real = np.repeat(held[..., None], 3, axis=-1)
   os.makedirs(tmp_path / "samples" / "real")
-  np.savez(tmp_path / "samples" / "real" / "samples_500.npz", arr_0=real, labels=labels[hold])
+  np.savez(tmp_path / "samples" / "real" / "samples_500.npz", arr_0=real, labels=held_labels)
   good = evaluate.run(c, str(tmp_path))
   assert good["class_accuracy"] == pytest.approx(acc)
   assert good["frechet_distance"] == pytest.approx(good["real_holdout_frechet_distance"])
@@ -124,11 +126,11 @@ def test_demo_classifier_scores(tmp_path):
   np.savez(
     tmp_path / "samples" / "real" / "samples_500.npz",
     arr_0=np.repeat(noise[..., None], 3, axis=-1),
-    labels=labels[hold],
+    labels=held_labels,
   )
   bad = evaluate.run(c, str(tmp_path))
   assert bad["frechet_distance"] > 10 * good["frechet_distance"]
   assert bad["class_accuracy"] < 0.5
   # Float images are refused, not scored.
   with pytest.raises(ValueError, match="samples must be uint8"):
-    judge.score(images[hold].astype(np.float32), labels[hold])
+    judge.score(held.astype(np.float32), held_labels)

@@ -345,14 +345,31 @@ def test_plan_matches_reference_arithmetic():
   assert plan.total_steps == 300 * plan.steps_per_epoch
 
 
-def test_throughput_eta_uses_recent_rate(monkeypatch):
+def test_throughput_rates(monkeypatch):
   from npp_jax import metric_writer
 
   clock = iter([0.0, 10.0, 20.0])
   monkeypatch.setattr(metric_writer.time, "perf_counter", lambda: next(clock))
-  t = metric_writer.Throughput(0, 1000)
-  fast = t.update(100, 8, 80)  # 10 steps/s
-  slow = t.update(110, 8, 80)  # then 1 step/s
+  t = metric_writer.Throughput(0)
+  fast = t.update(100, 8, 80, flops=1e6)  # 10 steps/s
+  t.exclude(5.0)  # five of the next ten seconds went to evaluation
+  slow = t.update(110, 8, 80, flops=2e6)
   assert fast["steps_per_sec"] == 10 and fast["images_per_sec"] == 80
-  assert slow["eta_sec"] == 890
+  assert fast["flops_per_sec"] == 1e5 and slow["steps_per_sec"] == 2
   assert metric_writer.format_duration(3725) == "1h02m05s"
+  assert metric_writer.format_duration(float("nan")) == "?"
+
+
+def test_eta_counts_the_expensive_stages_still_to_come():
+  """Stages of 100 steps costing 1, 4 and 16 units per step: during the cheap first stage
+  the ETA must count the later stages' FLOPs, not extrapolate the first stage's speed."""
+  from npp_jax import metric_writer
+
+  eta = metric_writer.StageEta((100, 200, 300), (1.0, 4.0, 16.0))
+  assert np.isnan(eta.seconds_left(0, 300))
+  eta.observe(0, 10.0)  # 10 units/s: 10 steps/s in stage 0
+  assert eta.seconds_left(50, 300) == pytest.approx((50 * 1 + 100 * 4 + 100 * 16) / 10)
+  eta.observe(1, 20.0)  # stage 1 turns out faster per unit: refined for what is left
+  assert eta.seconds_left(150, 300) == pytest.approx(50 * 4 / 20 + 100 * 16 / 20)
+  assert eta.seconds_left(150, 180) == pytest.approx(30 * 4 / 20)  # train.max_steps
+  assert eta.seconds_left(300, 300) == 0

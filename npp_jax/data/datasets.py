@@ -32,10 +32,23 @@ def dataset_dir(name: str, path: str, cache_dir: str, grid: int = 16, levels: in
         f"config.data.path={path!r} is set but config.data.name='mnist' trains on the embedded "
         "digits; clear one of them."
       )
-    return mnist.prepare(cache_dir, GreyLevelTokenizer(grid=grid, levels=levels))
+    return mnist.prepare(cache_dir, GreyLevelTokenizer(grid=grid, levels=levels), "train")
   if not path:
     raise ValueError(
       "config.data.path is empty: point it at a directory of token shards written by "
       "`--config.mode=extract`, or train the embedded demo with configs/mnist.py."
     )
   return os.fspath(path)
+
+
+def heldout_dir(
+  name: str, eval_path: str, cache_dir: str, grid: int = 16, levels: int = 16
+) -> str | None:
+  """The held-out token dataset (never trained on), or None when there is none.
+
+  The embedded digits hold out 500 (the judge's); other data names it with
+  `config.data.eval_path` (e.g. the validation split through `--config.mode=extract`).
+  """
+  if name == "mnist":
+    return mnist.prepare(cache_dir, GreyLevelTokenizer(grid=grid, levels=levels), "heldout")
+  return os.fspath(eval_path) if eval_path else None

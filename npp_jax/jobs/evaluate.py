@@ -81,15 +81,22 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  data_dir = datasets.dataset_dir(
-    c.data.name,
-    c.data.path,
-    c.data.cache_dir or os.path.join(workdir, "data"),
-    c.model.grid,
-    c.tokenizer.levels,
-  )
+  cache = c.data.cache_dir or os.path.join(workdir, "data")
+  args = (cache, c.model.grid, c.tokenizer.levels)
+  train_dir = datasets.dataset_dir(c.data.name, c.data.path, *args)
+  heldout = datasets.heldout_dir(c.data.name, c.data.eval_path, *args)
+  if heldout is None:
+    raise ValueError(
+      "the digit judge needs held-out digits: use the embedded digits (data.name=mnist) or "
+      "set config.data.eval_path."
+    )
+  # The judge is an instrument: the same seed for every run, whatever config.seed is.
   judge = digits.DigitJudge.load_or_train(
-    data_dir, c.tokenizer.levels, os.path.join(workdir, "classifier.npz"), c.seed
+    train_dir,
+    heldout,
+    c.tokenizer.levels,
+    c.eval.judge_cache or os.path.join(workdir, "classifier.npz"),
+    seed=0,
   )
   path = c.eval.samples or sample_batches.latest_samples(workdir)
   data = sample_batches.load_npz(path, "sample batch")

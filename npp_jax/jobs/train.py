@@ -25,6 +25,7 @@ from npp_jax import (
 )
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
+from npp_jax.models import gpt_flops
 from npp_jax.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Plan:
   patch_sides: tuple[int, ...]
   stage_end_epochs: tuple[int, ...]
   total_steps: int
+  stage_step_flops: tuple[int, ...] = ()  # FLOPs of one step of each stage
 
   @property
   def stage_end_steps(self) -> tuple[int, ...]:
@@ -45,6 +47,14 @@ class Plan:
 
   def stage(self, step: int) -> int:
     return npp.stage_of_step(step, self.steps_per_epoch, self.stage_end_epochs)
+
+  def flops_until(self, step: int) -> int:
+    """Training FLOPs of steps [0, step)."""
+    total, start = 0, 0
+    for end, flops in zip(self.stage_end_steps, self.stage_step_flops, strict=True):
+      total += max(0, min(step, end) - start) * flops
+      start = end
+    return total
 
 
 def dataset_dirs(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -90,8 +100,9 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo |
   ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
   if not 0.0 <= c.train.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay={c.train.ema_decay} must be in [0, 1).")
+  step_flops = tuple(gpt_flops.train_step_flops(cfg, s, gb) for s in sides)
   if info is None:
-    return Plan(1, tuple(sides), tuple(ends), ends[-1])
+    return Plan(1, tuple(sides), tuple(ends), ends[-1], step_flops)
   for key, want in (
     ("grid", cfg.grid),
     ("vocab_size", cfg.vocab_size),
@@ -103,7 +114,7 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo |
         f"--config.model.{key}={getattr(info, key)} or use codes from the matching tokenizer."
       )
   spe = pipeline.steps_per_epoch(info.num_records, gb)
-  return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe)
+  return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe, step_flops)
 
 
 def _log_compile(patch_side: int, seconds: float, compiled: Any) -> dict:
@@ -166,6 +177,8 @@ class Trainer:
       weights=tuple(c.data.weights),
     )
     self.data_iter = pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size)
+    self.heldout = self._heldout_batches() if c.train.eval_every_steps else []
+    self._eval = None
 
     init = functools.partial(train_step.init_state, self.cfg, self.tx, ema=c.train.ema_decay > 0)
     boxed = jax.eval_shape(init, jax.random.key(0))
@@ -210,6 +223,38 @@ class Trainer:
       self.compile_log.append(_log_compile(patch_side, time.perf_counter() - t0, compiled))
       self._compiled[patch_side] = compiled
     return self._compiled[patch_side]
+
+  def _heldout_batches(self) -> list[dict[str, jax.Array]]:
+    c = self.c
+    directory = datasets.heldout_dir(
+      c.data.name,
+      c.data.eval_path,
+      c.data.cache_dir or os.path.join(self.workdir, "data"),
+      self.cfg.grid,
+      c.tokenizer.levels,
+    )
+    batches = pipeline.heldout_batches(
+      directory,
+      vocab_size=self.cfg.vocab_size,
+      num_classes=self.cfg.num_classes,
+      grid=self.cfg.grid,
+      global_batch=c.train.global_batch_size,
+      num_batches=c.train.eval_batches,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    return [self.global_batch(b) for b in batches]
+
+  def heldout_loss(self, params) -> float:
+    """Mean next-token loss over the held-out batches (one compiled eval step)."""
+    if self._eval is None:
+      self._eval = jax.jit(
+        functools.partial(train_step.ntp_loss, cfg=self.cfg),
+        in_shardings=(self.state_sharding.params, self.batch_sharding),
+        out_shardings=sharding.replicated(self.mesh),
+      )
+    losses = [self._eval(params, b) for b in self.heldout]
+    return float(np.mean([float(x) for x in losses]))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {
@@ -292,7 +337,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dict(trainer.mesh.shape),
   )
 
-  throughput = metric_writer.Throughput(start, plan.total_steps)
+  throughput = metric_writer.Throughput(start, plan.flops_until(start))
+  eta = metric_writer.StageEta(plan.stage_end_steps, plan.stage_step_flops)
+  # Wall-clock time in the training loop (compiles and saves included, held-out
+  # evaluation not), carried across resumes.
+  train_seconds = float(meta.get("train_seconds", 0.0)) if restored is not None else 0.0
+  clock = time.perf_counter()
   pending: list = []
   last_saved = start if restored is not None else None
   last_metrics: dict[str, Any] = {}
@@ -308,11 +358,14 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, m = trainer.step_fn(side, state, batch)(state, batch)
         pending.append((step + 1, side, m))
         done = step + 1
+        row: dict[str, Any] = {}
         if done % c.train.log_every_steps == 0 or done == plan.total_steps:
           _check_finite(pending, trainer.workdir, last_saved, resumed_from)
           tokens = gb * (cfg.grid // side) ** 2
-          rates = throughput.update(done, gb, tokens)
-          last_metrics = {
+          rates = throughput.update(done, gb, tokens, plan.flops_until(done))
+          eta.observe(stage, rates["flops_per_sec"])
+          rates["eta_sec"] = eta.seconds_left(done, plan.total_steps)
+          row = last_metrics = {
             "loss": float(m["loss"]),
             "lr": float(m["lr"]),
             "grad_norm": float(m["grad_norm"]),
@@ -321,7 +374,20 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "epoch": done / plan.steps_per_epoch,
             **rates,
           }
-          writer.write(done, last_metrics)
+        if c.train.eval_every_steps and (
+          done % c.train.eval_every_steps == 0 or done == plan.total_steps
+        ):
+          t_eval = time.perf_counter()
+          train_seconds += t_eval - clock
+          row["eval/ntp_loss"] = trainer.heldout_loss(state.params)
+          clock = time.perf_counter()
+          throughput.exclude(clock - t_eval)
+        if row:
+          train_seconds += time.perf_counter() - clock
+          clock = time.perf_counter()
+          row |= {"train_flops": plan.flops_until(done), "train_seconds": train_seconds}
+          writer.write(done, row)
+        if "loss" in row:
           log.info(
             "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
             "%.2f steps/s %.1f img/s | ETA %s",
@@ -337,6 +403,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             rates["images_per_sec"],
             metric_writer.format_duration(rates["eta_sec"]),
           )
+        if "eval/ntp_loss" in row:
+          log.info("step %d | held-out next-token loss %.4f", done, row["eval/ntp_loss"])
         boundary = done in plan.stage_end_steps or done == plan.total_steps
         stop = guard.should_stop(done)
         if boundary or stop or done % c.train.ckpt_every_steps == 0:
@@ -353,6 +421,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "config": config_dict,
               "model": cfg.to_dict(),
               "dataset": dataset,
+              "train_seconds": train_seconds + time.perf_counter() - clock,
             },
           )
           last_saved = done
@@ -377,6 +446,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "compile_log": trainer.compile_log,
     "state": state,
     "plan": plan,
+    "cfg": cfg,
     "resumed_from": resumed_from,
     "stopped_by": stopped,
   }

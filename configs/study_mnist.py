@@ -1,0 +1,23 @@
+"""Does NPP help? NTP against NPP on the embedded digits (`make study`, about 30 min on 2 CPUs).
+
+The demo's model and data (configs/mnist.py), 4 epochs of the 4,500 training digits, the
+same for every schedule: next-token prediction (patch level 1), NPP with patch levels 2
+(sides 2, 1) and 3 (sides 4, 2, 1) at epoch rate 0.5, seeds 0 and 1; each final model
+samples 200 digits with guidance 2.0 for the judge.
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location(
+    "mnist", pathlib.Path(__file__).with_name("mnist.py")
+  )
+  mnist = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mnist)
+  c = mnist.get_config()
+  c.train.update(epochs=4, log_every_steps=35, ckpt_every_steps=140)
+  c.train.update(eval_every_steps=35, eval_batches=7)  # 448 held-out digits every half epoch
+  c.study.update(patch_levels=(1, 2, 3), epoch_rate=0.5, seeds=(0, 1), num_images=200)
+  return c
