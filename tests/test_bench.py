@@ -22,7 +22,7 @@ def test_bench_train_and_sample():
     "--repeats=1",
     "--config.model.dtype=float32",
   )
-  assert row["seq_len"] == 16 and row["ms_per_step"] > 0
+  assert row["seq_len"] == 16 and row["ms_per_step"] > 0 and row["model_tflops_per_sec"] > 0
   (row,) = _bench("sample", "--config=configs/tiny.py", "--batch=8", "--repeats=1")
   assert row["images_per_sec"] > 0 and row["cfg_scale"] == 1.5
 

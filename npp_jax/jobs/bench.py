@@ -23,7 +23,7 @@ from absl import flags
 
 from npp_jax import config_lib, sampling, sharding, tokenizers, train_step
 from npp_jax.evaluation import inception_fid
-from npp_jax.models import inception, vqgan
+from npp_jax.models import gpt_flops, inception, vqgan
 from npp_jax.models.gpt import GPT
 
 WHAT = ("train", "sample", "tokenizer", "eval")
@@ -79,6 +79,8 @@ def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
     "sec_per_batch": round(t, 4),
     "images_per_sec": round(batch / t, 1),
     "ms_per_token_step": round(1e3 * t / cfg.seq_len, 3),
+    # The decoding steps of a batch (guidance doubles the rows), over the measured time.
+    "model_tflops_per_sec": round(_sample_flops(cfg, batch, c.sample.cfg_scale) / t / 1e12, 4),
     "first_call_sec": round(compile_s, 1),
     "device": _device(),
   }
@@ -133,9 +135,15 @@ def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
     "dtype": cfg.dtype,
     "ms_per_step": round(1e3 * t, 2),
     "images_per_sec": round(batch / t, 1),
+    "model_tflops_per_sec": round(gpt_flops.train_step_flops(cfg, patch_side, batch) / t / 1e12, 4),
     "compile_sec": round(compile_s, 1),
     "device": _device(),
   }
+
+
+def _sample_flops(cfg, batch: int, cfg_scale: float) -> int:
+  rows = 2 * batch if cfg_scale > 1.0 else batch
+  return cfg.seq_len * gpt_flops.decode_step_flops(cfg, rows)
 
 
 def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
