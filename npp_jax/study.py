@@ -107,14 +107,14 @@ def markdown(table: list[dict]) -> str:
     return f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}"
 
   lines = [
-    "| schedule | seeds | training PFLOPs (x NTP) | wall clock (s) | held-out NTP loss | "
+    "| schedule | seeds | training TFLOPs (x NTP) | wall clock (s) | held-out NTP loss | "
     "class accuracy | Fréchet distance |",
     "|---|---|---|---|---|---|---|",
   ]
   for r in table:
     ratio = f" ({r['flops_vs_ntp']:.2f})" if r["flops_vs_ntp"] is not None else ""
     lines.append(
-      f"| {r['schedule']} | {r['seeds']} | {r['train_flops'] / 1e15:.3f}{ratio} | "
+      f"| {r['schedule']} | {r['seeds']} | {r['train_flops'] / 1e12:.2f}{ratio} | "
       f"{pm(r, 'train_seconds', '.0f')} | {pm(r, 'heldout_ntp_loss', '.4f')} | "
       f"{pm(r, 'class_accuracy', '.3f')} | {pm(r, 'frechet_distance', '.2f')} |"
     )
@@ -138,13 +138,13 @@ def plot(runs: list[dict], table: list[dict], path: str) -> bool:
     if r["curve"]:
       _, flops, loss = zip(*r["curve"], strict=True)
       label = r["schedule"] if r["seed"] == min(x["seed"] for x in runs) else None
-      ax1.plot(np.asarray(flops) / 1e15, loss, color=colors[r["schedule"]], label=label)
-  ax1.set(xlabel="training PFLOPs", ylabel="held-out next-token loss", title="Held-out loss")
+      ax1.plot(np.asarray(flops) / 1e12, loss, color=colors[r["schedule"]], label=label)
+  ax1.set(xlabel="training TFLOPs", ylabel="held-out next-token loss", title="Held-out loss")
   ax1.legend()
   for r in runs:
     if r["class_accuracy"] is not None:
-      ax2.scatter(r["train_flops"] / 1e15, r["class_accuracy"], color=colors[r["schedule"]])
-  ax2.set(xlabel="training PFLOPs", ylabel="judge class accuracy", title="Final samples")
+      ax2.scatter(r["train_flops"] / 1e12, r["class_accuracy"], color=colors[r["schedule"]])
+  ax2.set(xlabel="training TFLOPs", ylabel="judge class accuracy", title="Final samples")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
