@@ -241,9 +241,7 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         state = restored["state"]
-        want = meta.get("fingerprint")
-        if want is not None and fingerprint(state) != want:
-          raise ValueError("the restored state does not match the fingerprint saved with it")
+        _verify(state, meta)
         self.manager.restore(
           step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
         )
@@ -281,13 +279,7 @@ class Checkpointer:
       )
 
   def _damaged(self, damaged: list[int], step: int, e: Exception) -> None:
-    log.warning(
-      "checkpoint %d in %s is damaged (%s: %s); trying the previous one.",
-      step,
-      self.directory,
-      type(e).__name__,
-      _short(e),
-    )
+    _warn_damaged(self.directory, step, e)
     damaged.append(step)
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -328,18 +320,10 @@ def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
-        want = got["meta"].get("fingerprint")
-        if want is not None and fingerprint(got["state"]) != want:
-          raise ValueError("the restored state does not match the fingerprint saved with it")
+        _verify(got["state"], got["meta"])
         return step, got["state"], got["meta"]
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
-        log.warning(
-          "checkpoint %d in %s is damaged (%s: %s); trying the previous one.",
-          step,
-          directory,
-          type(e).__name__,
-          _short(e),
-        )
+        _warn_damaged(directory, step, e)
   raise ValueError(f"every checkpoint in {directory} is damaged: train again or sample another.")
 
 
@@ -392,6 +376,23 @@ def abstract_with_sharding(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings (what StandardRestore lays out)."""
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+
+
+def _verify(state: Any, meta: dict) -> None:
+  """Raises ValueError unless `state` has the fingerprint saved with it (when one was)."""
+  want = meta.get("fingerprint")
+  if want is not None and fingerprint(state) != want:
+    raise ValueError("the restored state does not match the fingerprint saved with it")
+
+
+def _warn_damaged(directory: str, step: int, e: Exception) -> None:
+  log.warning(
+    "checkpoint %d in %s is damaged (%s: %s); trying the previous one.",
+    step,
+    directory,
+    type(e).__name__,
+    _short(e),
   )
 
 

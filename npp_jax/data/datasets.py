@@ -52,3 +52,11 @@ def heldout_dir(
   if name == "mnist":
     return mnist.prepare(cache_dir, GreyLevelTokenizer(grid=grid, levels=levels), "heldout")
   return os.fspath(eval_path) if eval_path else None
+
+
+def locate(c, workdir: str) -> tuple[list[str], str | None]:
+  """(training dataset dirs, held-out dir or None) of a config's `data` section; the
+  embedded digits are cached in `data.cache_dir` (default WORKDIR/data)."""
+  d = c.data
+  args = (d.cache_dir or os.path.join(workdir, "data"), c.model.grid, c.tokenizer.levels)
+  return dataset_dirs(d.name, d.path, *args), heldout_dir(d.name, d.eval_path, *args)

@@ -81,10 +81,7 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  cache = c.data.cache_dir or os.path.join(workdir, "data")
-  args = (cache, c.model.grid, c.tokenizer.levels)
-  train_dir = datasets.dataset_dir(c.data.name, c.data.path, *args)
-  heldout = datasets.heldout_dir(c.data.name, c.data.eval_path, *args)
+  (train_dir, *_), heldout = datasets.locate(c, workdir)
   if heldout is None:
     raise ValueError(
       "the digit judge needs held-out digits: use the embedded digits (data.name=mnist) or "

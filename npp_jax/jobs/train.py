@@ -57,17 +57,6 @@ class Plan:
     return total
 
 
-def dataset_dirs(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """The token datasets the config trains on (the embedded digits are built on first use)."""
-  return datasets.dataset_dirs(
-    c.data.name,
-    c.data.path,
-    c.data.cache_dir or os.path.join(workdir, "data"),
-    c.model.grid,
-    c.tokenizer.levels,
-  )
-
-
 def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo | None) -> Plan:
   """The run's step schedule; checks the config against the devices and the dataset first.
 
@@ -141,7 +130,8 @@ class Trainer:
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
     self.c, self.workdir = c, os.path.abspath(workdir)
     self.cfg: GPTConfig = config_lib.train_gpt_config(c)
-    self.data_dirs = data_dirs = dataset_dirs(c, self.workdir)
+    self.data_dirs, self.heldout_dir = datasets.locate(c, self.workdir)
+    data_dirs = self.data_dirs
     self.info = DatasetInfo.load(data_dirs[0])
     self.plan = plan_run(c, jax.device_count(), self.info)
     if c.train.max_steps > 0:
@@ -226,15 +216,8 @@ class Trainer:
 
   def _heldout_batches(self) -> list[dict[str, jax.Array]]:
     c = self.c
-    directory = datasets.heldout_dir(
-      c.data.name,
-      c.data.eval_path,
-      c.data.cache_dir or os.path.join(self.workdir, "data"),
-      self.cfg.grid,
-      c.tokenizer.levels,
-    )
     batches = pipeline.heldout_batches(
-      directory,
+      self.heldout_dir,
       vocab_size=self.cfg.vocab_size,
       num_classes=self.cfg.num_classes,
       grid=self.cfg.grid,
