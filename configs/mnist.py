@@ -10,19 +10,28 @@ from npp_jax import config_lib
 
 def get_config():
   c = config_lib.get_config("tiny")
-  # Small enough that the 256-token stage runs at ~20 ms per image on a 2-core CPU.
+  # Small enough that the 256-token stage runs at ~17 ms per image on a 2-core CPU; the
+  # three layers are unrolled (20% faster steps than the layer scan here). No residual or
+  # FFN dropout: the model underfits (held-out loss tracks the training loss), and without
+  # it the same 16 epochs read 61% instead of 52.5%.
   c.model.update(dim=64, n_layer=3, n_head=4, multiple_of=64, vocab_size=16, num_classes=10)
   c.model.update(grid=16, dtype="float32", token_dropout_p=0.0, preset=config_lib.CUSTOM)
+  c.model.update(resid_dropout_p=0.0, ffn_dropout_p=0.0, scan_unroll=3)
   c.data.name = "mnist"
   c.tokenizer.name = "grey"
   c.tokenizer.levels = 16
-  # Stages end at epochs 9, 12, 16: most epochs go to the cheap coarse stages, which is
-  # where NPP saves compute; the token stage gets the last 4.
-  c.train.update(epochs=16, global_batch_size=64, patch_level=3, epoch_rate=0.75)
+  # Stages end at epochs 15.75, 21, 28: most epochs go to the cheap coarse stages, which
+  # is where NPP saves compute; the token stage gets the last 7 (490 of 1,960 steps, most
+  # of the ~9.5 min of training). 28 epochs fit `make demo` in 15 minutes; 16 and 24
+  # read 61% and 87% (200 samples).
+  c.train.update(epochs=28, global_batch_size=64, patch_level=3, epoch_rate=0.75)
   c.train.update(log_every_steps=25, ckpt_every_steps=200)
   # Next-token loss on 256 of the 500 held-out digits every 2 epochs (70 steps each).
   c.train.update(eval_every_steps=140, eval_batches=4)
   c.optim.update(lr=1e-3, end_lr=1e-4, weight_decay=0.05, warmup_epochs=0.5)
-  c.sample.update(cfg_scale=2.0, num_images=200, batch_size=100, png_per_class=10, png_scale=4)
+  # 500 samples, as many as the held-out digits, so the judge's Frechet distance and its
+  # floor carry the same small-sample bias. Guidance 2.0 reads best (89.0%; Frechet 3.43);
+  # 1.5 gives 83.2% / 3.08, 1.0 68.0% / 5.34.
+  c.sample.update(cfg_scale=2.0, num_images=500, batch_size=250, png_per_class=10, png_scale=4)
   c.eval.kind = "mnist_classifier"
   return c

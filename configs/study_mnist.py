@@ -17,6 +17,10 @@ def get_config():
   mnist = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mnist)
   c = mnist.get_config()
+  # The published study's model: the demo's shape with the dropout and layer scan it had
+  # then (the demo has since turned dropout off and unrolled its layers).
+  c.model.update(resid_dropout_p=0.1, ffn_dropout_p=0.1, scan_unroll=1)
+  c.sample.update(num_images=200, batch_size=100)
   c.train.update(epochs=4, log_every_steps=35, ckpt_every_steps=140)
   c.train.update(eval_every_steps=35, eval_batches=7)  # 448 held-out digits every half epoch
   c.study.update(patch_levels=(1, 2, 3), epoch_rate=0.5, seeds=(0, 1), num_images=200)

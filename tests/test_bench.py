@@ -36,3 +36,17 @@ def test_bench_rejects_an_unknown_benchmark():
   )
   assert res.returncode == 2 and "must be one of" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_bench_train_with_real_data_reports_the_input_stall(tmp_path):
+  (row,) = _bench(
+    "train",
+    "--config=configs/mnist.py",
+    "--batch=16",
+    "--patch_side=4",
+    "--repeats=3",
+    f"--real_data={tmp_path}",
+  )
+  assert row["ms_per_step_real_data"] > 0 and "input_stall" in row
+  assert "mfu" not in row  # no known peak for a CPU: MFU is left out, not guessed
+  assert (tmp_path / "data").is_dir()  # the embedded digits were built there

@@ -120,6 +120,17 @@ def test_demo_classifier_scores(tmp_path):
   good = evaluate.run(c, str(tmp_path))
   assert good["class_accuracy"] == pytest.approx(acc)
   assert good["frechet_distance"] == pytest.approx(good["real_holdout_frechet_distance"])
+  assert good["num_real_holdout"] == 500
+  # Fewer samples: the floor is measured on as many held-out digits, so that the two
+  # distances carry the same small-sample bias (a mixed-class subset of 200 sits near the
+  # full floor; the first 200 stored digits, sorted by class, would not).
+  np.savez(
+    tmp_path / "samples" / "real" / "samples_500.npz", arr_0=real[:200], labels=held_labels[:200]
+  )
+  few = evaluate.run(c, str(tmp_path))
+  assert few["num_real_holdout"] == 200
+  assert few["real_holdout_frechet_distance"] > good["real_holdout_frechet_distance"]
+  assert few["real_holdout_frechet_distance"] < 4 * good["real_holdout_frechet_distance"]
   # Noise images score badly.
   tok = GreyLevelTokenizer()
   noise = tok.decode(np.random.default_rng(0).integers(0, 16, (500, 256)))

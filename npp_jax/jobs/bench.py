@@ -3,7 +3,9 @@
 sample: images/s and ms per token step of `sampling.generate` with the config's guidance,
         after warm-up; `--max_batch` also searches the largest batch that fits (doubling
         until out of memory).
-train:  ms per train step and images/s for one NPP stage (`--patch_side`).
+train:  ms per train step and images/s for one NPP stage (`--patch_side`); with
+        `--real_data=DIR` also fed by the input pipeline from the config's dataset (the
+        input stall is the relative difference).
 tokenizer: encode and decode images/s of the config's VQ tokenizer at `--image_size`.
 eval:   FID Inception feature extraction images/s (256 px uint8 -> 299, with the config's
         `eval.preprocess`).
@@ -12,6 +14,7 @@ printed as one JSON line; BENCHMARKS.md records them.
 """
 
 import functools
+import itertools
 import json
 import sys
 import time
@@ -21,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, sampling, sharding, tokenizers, train_step
+from npp_jax import config_lib, hardware, sampling, sharding, tokenizers, train_step
+from npp_jax.data import datasets, pipeline
+from npp_jax.data.records import DatasetInfo
 from npp_jax.evaluation import inception_fid
 from npp_jax.models import gpt_flops, inception, vqgan
 from npp_jax.models.gpt import GPT
@@ -80,13 +85,42 @@ def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
     "images_per_sec": round(batch / t, 1),
     "ms_per_token_step": round(1e3 * t / cfg.seq_len, 3),
     # The decoding steps of a batch (guidance doubles the rows), over the measured time.
-    "model_tflops_per_sec": round(_sample_flops(cfg, batch, c.sample.cfg_scale) / t / 1e12, 4),
+    **_utilisation(_sample_flops(cfg, batch, c.sample.cfg_scale) / t),
     "first_call_sec": round(compile_s, 1),
     "device": _device(),
   }
 
 
-def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
+def _real_batches(c, cfg, batch: int, steps: int, mesh, cache_dir: str):
+  """An iterator of global batches from the config's dataset through the trainer's grain
+  pipeline (the embedded digits are built under `cache_dir` on first use)."""
+  dirs, _ = datasets.locate(c, cache_dir)
+  info = DatasetInfo.load(dirs[0])
+  ds = pipeline.train_dataset(
+    dirs,
+    vocab_size=cfg.vocab_size,
+    num_classes=cfg.num_classes,
+    grid=cfg.grid,
+    global_batch=batch,
+    steps_per_epoch=pipeline.steps_per_epoch(info.num_records, batch),
+    num_steps=steps,
+    seed=c.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  batch_sh = sharding.batch_sharding(mesh)
+  for local in pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size):
+    yield {
+      k: jax.make_array_from_process_local_data(batch_sh, local[k].astype(np.int32))
+      for k in ("tokens", "label")
+    }
+
+
+def bench_train(
+  c, batch: int, patch_side: int, repeats: int, mesh, real_data_dir: str = ""
+) -> dict:
+  """Step time on a constant random batch; with `real_data_dir`, also with batches read
+  through the input pipeline each step, whose extra time is the input stall."""
   cfg = config_lib.gpt_config(c)
   sched = lambda step: c.optim.lr
   tx = train_step.make_optimizer(c.optim, sched)
@@ -126,6 +160,20 @@ def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
     state, m = compiled(state, data)
   jax.block_until_ready(m)
   t = (time.perf_counter() - t0) / repeats
+  real = {}
+  if real_data_dir:
+    batches = _real_batches(c, cfg, batch, repeats + 1, mesh, real_data_dir)
+    state, m = compiled(state, next(batches))
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for b in itertools.islice(batches, repeats):
+      state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    t_real = (time.perf_counter() - t0) / repeats
+    real = {
+      "ms_per_step_real_data": round(1e3 * t_real, 2),
+      "input_stall": round(t_real / t - 1.0, 4),
+    }
   return {
     "bench": "train",
     "model": c.model.preset,
@@ -135,10 +183,20 @@ def bench_train(c, batch: int, patch_side: int, repeats: int, mesh) -> dict:
     "dtype": cfg.dtype,
     "ms_per_step": round(1e3 * t, 2),
     "images_per_sec": round(batch / t, 1),
-    "model_tflops_per_sec": round(gpt_flops.train_step_flops(cfg, patch_side, batch) / t / 1e12, 4),
+    **_utilisation(gpt_flops.train_step_flops(cfg, patch_side, batch) / t),
+    **real,
     "compile_sec": round(compile_s, 1),
     "device": _device(),
   }
+
+
+def _utilisation(flops_per_sec: float) -> dict:
+  """Achieved model TFLOP/s, and MFU against the devices' bf16 peak where it is known."""
+  out = {"model_tflops_per_sec": round(flops_per_sec / 1e12, 4)}
+  mfu = hardware.mfu(flops_per_sec)
+  if mfu is not None:
+    out["mfu"] = round(mfu, 4)
+  return out
 
 
 def _sample_flops(cfg, batch: int, cfg_scale: float) -> int:
@@ -204,6 +262,13 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("image_size", 256, "tokenizer benchmark resolution", flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "timed repetitions", flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "also find the largest batch (sample)", flag_values=fv)
+  flags.DEFINE_string(
+    "real_data",
+    "",
+    "train: also time steps fed by the input pipeline from the config's dataset; the value "
+    "is a directory for the embedded digits' cache",
+    flag_values=fv,
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -218,7 +283,8 @@ def main(argv: list[str]) -> int:
     print(json.dumps(bench_tokenizer(c, fv.batch, fv.image_size, fv.repeats)), flush=True)
     return 0
   if what == "train":
-    print(json.dumps(bench_train(c, fv.batch, fv.patch_side, fv.repeats, mesh)), flush=True)
+    result = bench_train(c, fv.batch, fv.patch_side, fv.repeats, mesh, fv.real_data)
+    print(json.dumps(result), flush=True)
     return 0
   print(json.dumps(bench_sample(c, fv.batch, fv.repeats, mesh)), flush=True)
   if fv.max_batch:

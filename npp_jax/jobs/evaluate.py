@@ -103,10 +103,11 @@ def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
   log.info(
     "demo scores: generated digits read as the requested class %.1f%% of the time "
     "(classifier accuracy on real digits %.1f%%); Frechet distance in classifier "
-    "features %.2f (real held-out digits: %.2f)",
+    "features %.2f (%d real held-out digits: %.2f)",
     100 * result["class_accuracy"],
     100 * result["classifier_accuracy_on_real"],
     result["frechet_distance"],
+    result["num_real_holdout"],
     result["real_holdout_frechet_distance"],
   )
   print(json.dumps({k: v for k, v in result.items() if k != "samples"}), flush=True)

@@ -16,6 +16,7 @@ import numpy as np
 from npp_jax import (
   checkpoint,
   config_lib,
+  hardware,
   metric_writer,
   npp,
   params_io,
@@ -347,6 +348,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           tokens = gb * (cfg.grid // side) ** 2
           rates = throughput.update(done, gb, tokens, plan.flops_until(done))
           eta.observe(stage, rates["flops_per_sec"])
+          if (mfu := hardware.mfu(rates["flops_per_sec"])) is not None:
+            rates["mfu"] = mfu
           rates["eta_sec"] = eta.seconds_left(done, plan.total_steps)
           row = last_metrics = {
             "loss": float(m["loss"]),
@@ -373,7 +376,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if "loss" in row:
           log.info(
             "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
-            "%.2f steps/s %.1f img/s | ETA %s",
+            "%.2f steps/s %.1f img/s%s | ETA %s",
             done,
             plan.total_steps,
             stage,
@@ -384,6 +387,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             last_metrics["grad_norm"],
             rates["steps_per_sec"],
             rates["images_per_sec"],
+            f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else "",
             metric_writer.format_duration(rates["eta_sec"]),
           )
         if "eval/ntp_loss" in row:

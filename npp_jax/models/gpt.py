@@ -89,6 +89,49 @@ def apply_rope(x: Array, rope: Array) -> Array:
   return out.reshape(b, t, h, d).astype(x.dtype)
 
 
+def causal_attention(q: Array, k: Array, v: Array, mask: Array | None, backend: str) -> Array:
+  """Causal softmax attention through `jax.nn.dot_product_attention`.
+
+  q (B, T, H, D); k, v (B, S, KV, D) with KV dividing H (grouped-query attention without
+  copying K/V). Scores and softmax are float32 whatever the input dtype. `mask` None means
+  training (query i sees keys 0..i); a KV-cache step passes its (1, 1, T, S) mask instead.
+  `backend` "cudnn" runs NVIDIA's fused flash kernel; "xla" is portable.
+  """
+  if backend == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(
+      f"model.attention='cudnn' needs an NVIDIA GPU but JAX runs on {jax.default_backend()}; "
+      "use --config.model.attention=xla."
+    )
+  if mask is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=backend)
+  if backend == "cudnn" and q.shape[1] == 1:
+    # One new query at the end of the filled cache sees exactly the first `n` keys: cuDNN's
+    # padding mask says so without a materialised mask.
+    n = jnp.sum(mask[0, 0, 0], dtype=jnp.int32)
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    return jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
+  # Several queries in the cache: cuDNN's causal mask starts at key 0, not at the cache
+  # index, so XLA's kernel takes the explicit mask.
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def _attention_with_dropout(q: Array, k: Array, v: Array, rate: float, rng: Array) -> Array:
+  """Training attention with dropout on the probabilities (as the reference's
+  `attn_dropout_p`), which `jax.nn.dot_product_attention` does not offer; float32 softmax."""
+  b, t, nh, hd = q.shape
+  nkv = k.shape[2]
+  qg = q.reshape(b, t, nkv, nh // nkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  causal = jnp.tril(jnp.ones((t, k.shape[1]), bool))
+  scores = jnp.where(causal, scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+  return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(b, t, nh, hd)
+
+
 class Attention(nn.Module):
   """Multi-head (or grouped-query) causal self-attention with 2D RoPE and an optional KV cache."""
 
@@ -116,12 +159,9 @@ class Attention(nn.Module):
     k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), rope)
     v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
 
-    b, t = x.shape[:2]
+    t = x.shape[1]
     if cache is None:
-      keys, values = k, v
-      q_pos = jnp.arange(t)
-      k_pos = jnp.arange(t)
-      new_cache = None
+      keys, values, mask, new_cache = k, v, None, None
     else:
       # The cache of all layers is one loop-carried buffer: writing this layer's new
       # entries in place (instead of stacking per-layer outputs) keeps decoding from
@@ -133,22 +173,14 @@ class Attention(nn.Module):
       }
       keys = jax.lax.dynamic_index_in_dim(new_cache["k"], layer, 0, keepdims=False).astype(dt)
       values = jax.lax.dynamic_index_in_dim(new_cache["v"], layer, 0, keepdims=False).astype(dt)
+      # Query i sits at cache_index + i and sees the cache up to there.
       q_pos = cache_index + jnp.arange(t)
-      k_pos = jnp.arange(keys.shape[1])
-
-    # Grouped-query attention without copying K/V: query head h uses kv head h // group.
-    group = nh // nkv
-    qg = q.reshape(b, t, nkv, group, hd)
-    # Scores in float32 straight from the matmul (not rounded to bf16 first), as the
-    # reference's fused attention computes them.
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(hd)
-    causal = k_pos[None, :] <= q_pos[:, None]
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if cfg.attn_dropout_p > 0:
-      probs = nn.Dropout(cfg.attn_dropout_p)(probs, deterministic=deterministic)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), values).reshape(b, t, nh, hd)
+      mask = (jnp.arange(keys.shape[1])[None, :] <= q_pos[:, None])[None, None]
+    if cfg.attn_dropout_p > 0 and not deterministic:
+      out = _attention_with_dropout(q, keys, values, cfg.attn_dropout_p, self.make_rng("dropout"))
+    else:
+      out = causal_attention(q, keys, values, mask, cfg.attention)
+    out = out.astype(dt)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
     out = nn.Dropout(cfg.resid_dropout_p)(out, deterministic=deterministic)
     return out, new_cache
@@ -248,6 +280,7 @@ class GPT(nn.Module):
       split_rngs={"params": True, "dropout": True},
       in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.n_layer,
+      unroll=min(cfg.scan_unroll, cfg.n_layer),
       metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
     self.output = _param(

@@ -58,6 +58,12 @@ class GPTConfig:
   residual_dtype: str = "float32"
   # Rematerialise each block in the backward pass: "none", "full" or "dots" (save matmuls).
   remat: str = "none"
+  # Attention kernel of `jax.nn.dot_product_attention`: "xla" (portable) or "cudnn" (the
+  # fused flash kernel on NVIDIA GPUs).
+  attention: str = "xla"
+  # Layers per iteration of the layer scan: 1 compiles one block whatever the depth;
+  # n_layer unrolls them all (faster steps for small models, longer compiles).
+  scan_unroll: int = 1
 
   def __post_init__(self):
     problems = []
@@ -97,6 +103,10 @@ class GPTConfig:
         problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
     if self.remat not in ("none", "full", "dots"):
       problems.append(f"remat={self.remat!r} must be 'none', 'full' or 'dots'")
+    if self.attention not in ("xla", "cudnn"):
+      problems.append(f"attention={self.attention!r} must be 'xla' or 'cudnn'")
+    if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+      problems.append(f"scan_unroll={self.scan_unroll!r} must be a positive int")
     if problems:
       raise ValueError("invalid GPTConfig: " + "; ".join(problems) + ".")
 
