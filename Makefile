@@ -10,13 +10,19 @@ STUDY_WORKDIR ?= workdir/study
 
 .PHONY: install test test-fast lint format demo study clean
 
-$(VENV)/.installed: setup.py pyproject.toml
+# EXTRAS picks what `make install` adds: `dev` (tests, demo, lint) by default; on an
+# accelerator `make install EXTRAS=tpu` or `EXTRAS=cuda` (add `,dev` for the test-suite).
+EXTRAS ?= dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 # ruff, then the architecture: the import contracts in pyproject.toml (lint-imports).
 lint: install

@@ -19,6 +19,12 @@ CORE = [
 ]
 
 EXTRAS = {
+  # The accelerator runtime. The core `jax` requirement is the CPU build: a TPU VM or a
+  # GPU machine installs one of these (`pip install -e '.[tpu]'`), or trains on its CPUs.
+  "tpu": ["jax[tpu]>=0.6.0"],  # libtpu, for Cloud TPU VMs
+  "cuda": ["jax[cuda12]>=0.6.0"],  # CUDA 12 wheels (driver >= 525); also the `cuda12` extra
+  "cuda12": ["jax[cuda12]>=0.6.0"],
+  "cuda13": ["jax[cuda13]>=0.7.2"],  # CUDA 13 wheels (driver >= 580)
   # Reading PyTorch `.pt`/`.pth` checkpoints. Install a CPU build explicitly
   # (`pip install torch==2.13.0`) on machines without a GPU: a bare `torch`
   # requirement pulls a multi-GB CUDA build.

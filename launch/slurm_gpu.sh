@@ -9,5 +9,8 @@ set -euo pipefail
 config=$1 workdir=$2
 shift 2
 dir=$(cd "$(dirname "$0")/.." && pwd)
+# jax with the CUDA 12 wheels into the shared .venv, once (a no-op when installed; use
+# EXTRAS=cuda13 on drivers >= 580).
+make -s -C "$dir" install EXTRAS="${NPP_EXTRAS:-cuda}"
 srun --ntasks-per-node=1 env NPP_DISTRIBUTED=1 "$dir/.venv/bin/python" -m npp_jax.main \
   --config="$config" --workdir="$workdir" "$@"

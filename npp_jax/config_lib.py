@@ -57,6 +57,9 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # Load .pt files that pickle objects besides tensors (they can run code): only for
   # files you trust. Released LlamaGen/NPP checkpoints load without it.
   c.trust_checkpoint = False
+  # JAX's persistent compilation cache, so a restart does not recompile every stage:
+  # "" = WORKDIR/compile_cache, "off", or a directory (local or gs://) shared by runs.
+  c.compile_cache = ""
 
   c.model = model_config(preset)
   # The reference's `--mixed-precision bf16`: params float32, matmuls in bf16.

@@ -1,9 +1,11 @@
 """Graceful stops: SIGTERM (preemption notices, `scancel`, `kill`) or Ctrl-C checkpoint first.
 
 The trainer asks `should_stop(step)` after every step. On one host a caught signal answers
-yes; on several hosts JAX's preemption sync point answers for all of them at the same step
-(the coordinator sees the notice), so every host saves the same checkpoint. A second Ctrl-C
-falls through to Python's default handler and stops at once.
+yes, and a second Ctrl-C falls through to Python's default handler and stops at once.
+On several hosts the guard installs no handler: `jax.distributed.initialize()` registered
+its own SIGTERM listener, which tells the coordination service, and JAX's preemption sync
+point then answers yes on every host at the same step, so all save the same checkpoint.
+(A Python handler would replace JAX's, and the notice would never reach the service.)
 """
 
 import logging
@@ -11,6 +13,7 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ class PreemptionGuard:
     self.signals = signals
     self.received: str | None = None
     self._old = {}
+    self._warned = False
 
   def _handle(self, signum, frame):
     del frame
@@ -34,6 +38,8 @@ class PreemptionGuard:
     signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self  # JAX's own SIGTERM listener stays in place (see the module docstring)
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:
         self._old[s] = signal.signal(s, self._handle)
@@ -47,12 +53,15 @@ class PreemptionGuard:
   def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.received is not None
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     try:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.received = self.received or "preemption notice"
-        return True
-    except Exception:  # noqa: BLE001 (no preemption service: only periodic checkpoints)
-      pass
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError as err:  # jax_enable_preemption_service turned off
+      if not self._warned:
+        log.warning("no preemption sync (%s): only periodic checkpoints on several hosts", err)
+        self._warned = True
+      return False
+    if reached:
+      self.received = self.received or "preemption notice (SIGTERM on a host)"
+      log.warning("preemption sync point at step %d: saving a checkpoint, then stopping", step)
+      return True
     return False

@@ -32,3 +32,26 @@ def test_code_map_matches_the_tree():
   assert listed == actual, (
     f"README code map: missing {sorted(actual - listed)}, stale {sorted(listed - actual)}"
   )
+
+
+def test_core_install_is_cpu_jax_and_accelerators_are_extras():
+  """No TensorFlow or PyTorch in the core requirements; the TPU and CUDA runtimes are
+  extras of the JAX project's own wheels, and the launchers install them."""
+  import ast
+
+  tree = ast.parse((ROOT / "setup.py").read_text())
+  values = {
+    t.id: ast.literal_eval(n.value)
+    for n in tree.body
+    if isinstance(n, ast.Assign)
+    for t in n.targets
+    if isinstance(t, ast.Name) and t.id in ("CORE", "EXTRAS")
+  }
+  core = " ".join(values["CORE"])
+  assert "tensorflow" not in core and "torch" not in core and "jax[" not in core
+  extras = values["EXTRAS"]
+  assert extras["tpu"] == ["jax[tpu]>=0.6.0"]
+  assert extras["cuda"][0].startswith("jax[cuda12]")
+  assert extras["cuda13"][0].startswith("jax[cuda13]")
+  assert "install EXTRAS=tpu" in (ROOT / "launch" / "tpu_pod.sh").read_text()
+  assert 'install EXTRAS="${NPP_EXTRAS:-cuda}"' in (ROOT / "launch" / "slurm_gpu.sh").read_text()

@@ -3,9 +3,11 @@ and sampling across hosts give what one process with the same devices gives."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,10 @@ def _free_port():
 
 
 def _cluster(workdir, data, max_steps, mode, processes=2, local_devices=2):
+  return _finish(_start(workdir, data, max_steps, mode, processes, local_devices))
+
+
+def _start(workdir, data, max_steps, mode, processes=2, local_devices=2):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["NPP_TEST_LOCAL_DEVICES"] = str(local_devices)
@@ -45,6 +51,10 @@ def _cluster(workdir, data, max_steps, mode, processes=2, local_devices=2):
     )
     for i in range(processes)
   ]
+  return procs
+
+
+def _finish(procs):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
@@ -78,3 +88,40 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
     tokens = z["tokens"]
   assert tokens.shape == (12, 64)
   assert os.path.exists(out[0]["png"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both-hosts", "one-host"])
+def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(tmp_path, signalled):
+  """SIGTERM (a preemption notice) on both hosts, or on one: JAX's preemption sync point
+  stops both at the same step, one checkpoint is written there, and a rerun logs the
+  losses of an unbroken run."""
+  data = tmp_path / "data"
+  write_random_dataset(data, n=96)  # 6 steps per epoch; 40 epochs = 240 steps
+  total = 240
+  unbroken = _cluster(tmp_path / "unbroken", data, total, "train_long")
+  assert [r["step"] for r in unbroken] == [total, total]
+
+  victim = tmp_path / "victim"
+  procs = _start(victim, data, total, "train_long")
+  metrics = victim / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 30:
+      break
+    time.sleep(0.01)
+  assert all(p.poll() is None for p in procs), "the run ended before the notice; lengthen it"
+  for i in signalled:
+    os.kill(procs[i].pid, signal.SIGTERM)
+  stopped = _finish(procs)
+  steps = {r["step"] for r in stopped}
+  assert len(steps) == 1, stopped  # every host stopped at the same step
+  (step,) = steps
+  assert 30 <= step < total and all(r["stopped_by"] for r in stopped), stopped
+  saved = sorted(int(d) for d in os.listdir(victim / "checkpoints") if d.isdigit())
+  assert saved[-1] == step, saved
+
+  resumed = _cluster(victim, data, total, "train_long")
+  assert [r["resumed_from"] for r in resumed] == [step, step]
+  assert [r["step"] for r in resumed] == [total, total]
+  np.testing.assert_array_equal(_losses(victim), _losses(tmp_path / "unbroken"))

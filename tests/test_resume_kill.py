@@ -71,6 +71,10 @@ def test_sigkill_and_restart_is_exact(tmp_path):
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out
   assert "resumed from step" in out
+  # The restart loads the stage's step from the persistent compilation cache in the
+  # workdir instead of compiling it again (and, below, computes exactly the same losses).
+  assert "loaded (compilation cache) the train step" in out, out
+  assert any((victim_dir / "compile_cache").iterdir())
   want, got = _losses(tmp_path / "full"), _losses(victim_dir)
   assert [s for s, _, _ in got] == list(range(1, 97))
   assert got == want, "bitwise-identical losses, step for step"

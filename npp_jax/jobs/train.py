@@ -15,6 +15,7 @@ import numpy as np
 
 from npp_jax import (
   checkpoint,
+  compile_cache,
   config_lib,
   hardware,
   metric_writer,
@@ -107,8 +108,8 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo |
   return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe, step_flops)
 
 
-def _log_compile(patch_side: int, seconds: float, compiled: Any) -> dict:
-  entry = {"patch_side": patch_side, "compile_sec": round(seconds, 3)}
+def _log_compile(patch_side: int, seconds: float, compiled: Any, cached: bool) -> dict:
+  entry = {"patch_side": patch_side, "compile_sec": round(seconds, 3), "cache_hit": cached}
   try:
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -117,7 +118,8 @@ def _log_compile(patch_side: int, seconds: float, compiled: Any) -> dict:
   except Exception:  # noqa: BLE001 (not every backend reports memory)
     pass
   log.info(
-    "compiled the train step for patch side %d in %.1fs (%s)",
+    "%s the train step for patch side %d in %.1fs (%s)",
+    "loaded (compilation cache)" if cached else "compiled",
     patch_side,
     seconds,
     {k: v for k, v in entry.items() if k.endswith("bytes")},
@@ -209,9 +211,10 @@ class Trainer:
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
         donate_argnums=0,
       )
-      t0 = time.perf_counter()
+      t0, hits = time.perf_counter(), compile_cache.hits()
       compiled = jitted.lower(state, batch).compile()
-      self.compile_log.append(_log_compile(patch_side, time.perf_counter() - t0, compiled))
+      seconds, cached = time.perf_counter() - t0, compile_cache.hits() > hits
+      self.compile_log.append(_log_compile(patch_side, seconds, compiled, cached))
       self._compiled[patch_side] = compiled
     return self._compiled[patch_side]
 
