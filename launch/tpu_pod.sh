@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run npp_jax on every worker of a Cloud TPU pod slice (one process per host).
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/l.py gs://bucket/runs/l [--config.x=y ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/l.py /shared/runs/l [--config.x=y ...]
 # The repository must exist at the same path on every worker, e.g. after
 #   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command "git clone ..."
 # Each worker installs jax with the TPU runtime into .venv first (`make install

@@ -52,7 +52,7 @@ def random_params(cfg, key=0):
 
 
 def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
-  cfg = config_lib.gpt_config(c)
+  cfg = config_lib.sampling_gpt_config(c)
   params = jax.device_put(random_params(cfg), sharding.replicated(mesh))
   labels = np.arange(batch) % cfg.num_classes
   run = functools.partial(
