@@ -373,3 +373,17 @@ def test_eta_counts_the_expensive_stages_still_to_come():
   assert eta.seconds_left(150, 300) == pytest.approx(50 * 4 / 20 + 100 * 16 / 20)
   assert eta.seconds_left(150, 180) == pytest.approx(30 * 4 / 20)  # train.max_steps
   assert eta.seconds_left(300, 300) == 0
+
+
+def test_parameter_overview_comes_from_shapes_alone(caplog):
+  """The overview is built from abstract shapes: nothing is copied to the host, and it
+  works where a host holds only some shards."""
+  from npp_jax.models import gpt
+
+  abstract = train_step.unboxed(gpt.abstract_params(gpt.GPTConfig.preset("B")))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  with caplog.at_level(logging.INFO, logger="npp_jax.jobs.train"):
+    train._log_overview(abstract)
+  text = caplog.text
+  assert "layers/attention/wq" in text and "(12, 768, 12, 64)" in text
+  assert "Total: 110,888,448" in text or "Total: 110888448" in text
