@@ -50,3 +50,26 @@ def test_bench_train_with_real_data_reports_the_input_stall(tmp_path):
   assert row["ms_per_step_real_data"] > 0 and "input_stall" in row
   assert "mfu" not in row  # no known peak for a CPU: MFU is left out, not guessed
   assert (tmp_path / "data").is_dir()  # the embedded digits were built there
+
+
+def test_accelerator_script_runs_every_benchmark_on_tiny_shapes(tmp_path):
+  """launch/bench_accelerator.sh (the device run of BENCHMARKS.md), checked on the CPU."""
+  import os
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+  res = subprocess.run(
+    ["bash", "launch/bench_accelerator.sh"],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+  assert "jax" in rows[0] and not any("failed" in r for r in rows)
+  assert [r["bench"] for r in rows[1:]] == ["train"] * 4 + ["schedule", "sample", "sample"]
+  (schedule,) = [r for r in rows[1:] if r["bench"] == "schedule"]
+  # The FLOP ratio of the tiny schedule from the FLOP counter; wall clock measured.
+  assert 0.3 < schedule["flop_ratio"] < 1.0 and schedule["wall_clock_ratio"] > 0

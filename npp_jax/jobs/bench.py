@@ -6,6 +6,9 @@ sample: images/s and ms per token step of `sampling.generate` with the config's 
 train:  ms per train step and images/s for one NPP stage (`--patch_side`); with
         `--real_data=DIR` also fed by the input pipeline from the config's dataset (the
         input stall is the relative difference).
+schedule: the whole NPP schedule of the config (`train.patch_level`, `epochs`,
+        `epoch_rate`) against next-token training for the same epochs: each stage's step
+        timed, weighted by its epochs; wall-clock and FLOP ratios.
 tokenizer: encode and decode images/s of the config's VQ tokenizer at `--image_size`.
 eval:   FID Inception feature extraction images/s (256 px uint8 -> 299, with the config's
         `eval.preprocess`).
@@ -24,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, hardware, sampling, sharding, tokenizers, train_step
+from npp_jax import config_lib, hardware, npp, sampling, sharding, tokenizers, train_step
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
 from npp_jax.evaluation import inception_fid
 from npp_jax.models import gpt_flops, inception, vqgan
 from npp_jax.models.gpt import GPT
 
-WHAT = ("train", "sample", "tokenizer", "eval")
+WHAT = ("train", "sample", "tokenizer", "eval", "schedule")
 
 
 def _device() -> str:
@@ -190,6 +193,32 @@ def bench_train(
   }
 
 
+def bench_schedule(c, batch: int, repeats: int, mesh) -> dict:
+  """NPP's whole-schedule training time over NTP's (every epoch at patch side 1)."""
+  cfg = config_lib.gpt_config(c)
+  sides = npp.patch_sides(c.train.patch_level)
+  ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
+  epochs = [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+  ms = {s: bench_train(c, batch, s, repeats, mesh)["ms_per_step"] for s in sorted({*sides, 1})}
+  flops = {s: gpt_flops.train_step_flops(cfg, s, batch) for s in ms}
+  total = ends[-1]
+  return {
+    "bench": "schedule",
+    "model": c.model.preset,
+    "batch": batch,
+    "patch_sides": list(sides),
+    "epochs_per_stage": epochs,
+    "ms_per_step": {str(s): v for s, v in ms.items()},
+    "wall_clock_ratio": round(
+      sum(e * ms[s] for s, e in zip(sides, epochs, strict=True)) / (total * ms[1]), 4
+    ),
+    "flop_ratio": round(
+      sum(e * flops[s] for s, e in zip(sides, epochs, strict=True)) / (total * flops[1]), 4
+    ),
+    "device": _device(),
+  }
+
+
 def _utilisation(flops_per_sec: float) -> dict:
   """Achieved model TFLOP/s, and MFU against the devices' bf16 peak where it is known."""
   out = {"model_tflops_per_sec": round(flops_per_sec / 1e12, 4)}
@@ -281,6 +310,9 @@ def main(argv: list[str]) -> int:
     return 0
   if what == "tokenizer":
     print(json.dumps(bench_tokenizer(c, fv.batch, fv.image_size, fv.repeats)), flush=True)
+    return 0
+  if what == "schedule":
+    print(json.dumps(bench_schedule(c, fv.batch, fv.repeats, mesh)), flush=True)
     return 0
   if what == "train":
     result = bench_train(c, fv.batch, fv.patch_side, fv.repeats, mesh, fv.real_data)

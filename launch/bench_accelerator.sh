@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The accelerator benchmark of BENCHMARKS.md in one go (issue: speed on an H200), one JSON
+# line per measurement appended to $OUT/bench.jsonl (OUT defaults to ./bench_out).
+#   launch/bench_accelerator.sh            GPT-B/L as in the table, bf16 (about 10 minutes)
+#   TINY=1 launch/bench_accelerator.sh     the same commands on configs/tiny.py (a CPU check)
+# On NVIDIA GPUs each train row is also run with the cuDNN attention kernel.
+set -uo pipefail
+out=${OUT:-bench_out}
+mkdir -p "$out"
+py=${PYTHON:-python}
+if [ "${TINY:-0}" = 1 ]; then
+  b=configs/tiny.py l=configs/tiny.py train_batch=8 sample_batch=8 extra=(--repeats=1)
+else
+  b=configs/b.py l=configs/l.py train_batch=64 sample_batch=32 extra=()
+fi
+gpu=$($py -c "import jax; print(jax.default_backend() == 'gpu')")
+status=0
+run() {
+  echo "+ bench $*" >&2
+  if ! $py -m npp_jax.bench "$@" "${extra[@]}" | tee -a "$out/bench.jsonl"; then
+    echo "{\"failed\": \"bench $*\"}" | tee -a "$out/bench.jsonl"
+    status=1
+  fi
+}
+$py -c "import jax, json; d=jax.devices()[0]; print(json.dumps({'jax': jax.__version__, \
+  'device': getattr(d, 'device_kind', d.platform), 'count': jax.device_count()}))" \
+  | tee -a "$out/bench.jsonl"
+for side in 4 2 1; do
+  run train --config=$b --batch=$train_batch --patch_side=$side
+  [ "$gpu" = True ] && run train --config=$b --batch=$train_batch --patch_side=$side \
+    --config.model.attention=cudnn
+done
+run train --config=$l --batch=$train_batch --patch_side=1
+[ "$gpu" = True ] && run train --config=$l --batch=$train_batch --patch_side=1 \
+  --config.model.attention=cudnn
+run schedule --config=$b --batch=$train_batch
+run sample --config=$b --batch=$sample_batch
+run sample --config=$l --batch=$sample_batch
+exit $status
