@@ -81,3 +81,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local: Mapping[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """This host's rows of a token batch ({"tokens", "label"}) as global int32 arrays."""
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k], np.int32))
+    for k in ("tokens", "label")
+  }

@@ -113,10 +113,7 @@ def _real_batches(c, cfg, batch: int, steps: int, mesh, cache_dir: str):
   )
   batch_sh = sharding.batch_sharding(mesh)
   for local in pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size):
-    yield {
-      k: jax.make_array_from_process_local_data(batch_sh, local[k].astype(np.int32))
-      for k in ("tokens", "label")
-    }
+    yield sharding.global_batch(local, batch_sh)
 
 
 def bench_train(

@@ -244,14 +244,7 @@ class Trainer:
     return float(np.mean([float(x) for x in losses]))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {
-      "tokens": jax.make_array_from_process_local_data(
-        self.batch_sharding, local["tokens"].astype(np.int32)
-      ),
-      "label": jax.make_array_from_process_local_data(
-        self.batch_sharding, local["label"].astype(np.int32)
-      ),
-    }
+    return sharding.global_batch(local, self.batch_sharding)
 
 
 def _check_finite(pending: list, workdir: str, last_saved: int | None, resumed_from: int | None):

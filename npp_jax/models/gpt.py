@@ -180,7 +180,6 @@ class Attention(nn.Module):
       out = _attention_with_dropout(q, keys, values, cfg.attn_dropout_p, self.make_rng("dropout"))
     else:
       out = causal_attention(q, keys, values, mask, cfg.attention)
-    out = out.astype(dt)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
     out = nn.Dropout(cfg.resid_dropout_p)(out, deterministic=deterministic)
     return out, new_cache
