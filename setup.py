@@ -21,7 +21,10 @@ CORE = [
 EXTRAS = {
   # The accelerator runtime. The core `jax` requirement is the CPU build: a TPU VM or a
   # GPU machine installs one of these (`pip install -e '.[tpu]'`), or trains on its CPUs.
-  "tpu": ["jax[tpu]>=0.6.0"],  # libtpu, for Cloud TPU VMs
+  # gs:// paths: etils.epath reads and writes through gcsfs; tensorboardX through
+  # google-cloud-storage (orbax and ArrayRecord reads have their own GCS clients).
+  "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10"],
+  "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.2", "google-cloud-storage>=2.10"],  # libtpu + gs://
   "cuda": ["jax[cuda12]>=0.6.0"],  # CUDA 12 wheels (driver >= 525); also the `cuda12` extra
   "cuda12": ["jax[cuda12]>=0.6.0"],
   "cuda13": ["jax[cuda13]>=0.7.2"],  # CUDA 13 wheels (driver >= 580)
@@ -35,13 +38,16 @@ EXTRAS = {
   "demo": ["mlxtend>=0.23"],
   # The study's plot (python -m npp_jax.study).
   "plot": ["matplotlib>=3.7"],
-  "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
+  # The cloud-storage test runs a local GCS emulator (gcp-storage-emulator) on loopback.
+  "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "gcp-storage-emulator>=2024.8"],
   # `make test` lints the code and checks the import contract in pyproject.toml.
   "lint": ["ruff>=0.6", "import-linter>=2.1"],
 }
 # Everything `make test` and `make demo` need. torch stays out on purpose (see
 # above); CI installs the CPU build itself.
-EXTRAS["dev"] = sorted(set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"] + EXTRAS["plot"]))
+EXTRAS["dev"] = sorted(
+  set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"] + EXTRAS["plot"] + EXTRAS["gcs"])
+)
 
 setuptools.setup(
   name="npp_jax",

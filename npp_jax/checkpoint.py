@@ -16,7 +16,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from typing import Any
@@ -26,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from npp_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints={keep} must be >= 1.")
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = storage.join(storage.absolute(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
@@ -286,11 +288,11 @@ class Checkpointer:
     """Moves damaged checkpoints out of the way (kept for inspection, never deleted)."""
     if not steps or jax.process_index() != 0:
       return
-    aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-    os.makedirs(aside, exist_ok=True)
+    aside = storage.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+    storage.makedirs(aside)
     for step in steps:
-      target = os.path.join(aside, f"{step}-{int(time.time())}")
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      target = storage.join(aside, f"{step}-{int(time.time())}")
+      storage.move(storage.join(self.directory, str(step)), target)
       log.warning("moved damaged checkpoint %d to %s", step, target)
     self.manager.reload()
 
@@ -314,11 +316,21 @@ def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
         f"no training checkpoint in {directory}: train first, or set "
         "--config.sample.checkpoint to converted params (or a .pt file)."
       )
+    # Every array whole on every device: a checkpoint written by any number of hosts reads
+    # back on this machine (orbax refuses a restore without a target across topologies).
+    everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
     for step in steps:
       try:
+        saved = mngr.item_metadata(step)["state"]
+        target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
+          getattr(saved, "tree", saved),
+        )
         got = mngr.restore(
           step,
-          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+          ),
         )
         _verify(got["state"], got["meta"])
         return step, got["state"], got["meta"]
@@ -335,15 +347,22 @@ class WorkdirLock:
   """One trainer per workdir: an advisory lock on WORKDIR/train.lock, held by process 0.
 
   The operating system releases it when the process dies, so a killed or preempted run
-  leaves no stale lock; the file names the owner for the error message.
+  leaves no stale lock; the file names the owner for the error message. A bucket
+  (`gs://`) has no such lock: there it is not enforced, and the log says so.
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), "train.lock")
+    self.path = storage.join(storage.absolute(workdir), "train.lock")
     self._file = None
 
   def __enter__(self):
     if jax.process_index() != 0:
+      return self
+    if storage.is_remote(self.path):
+      log.warning(
+        "%s is in a bucket, where no lock can be held: make sure one trainer uses it.",
+        os.path.dirname(self.path),
+      )
       return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     f = open(self.path, "a+")  # noqa: SIM115 (held open for the lifetime of the lock)

@@ -2,10 +2,11 @@
 instead of compiling them again (minutes per NPP stage for the large models)."""
 
 import logging
-import os
 
 import jax
 from jax import monitoring
+
+from npp_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def enable(setting: str, workdir: str) -> str | None:
   a directory, local or gs://); returns the directory used. Call before compiling."""
   if setting == OFF:
     return None
-  path = setting or os.path.join(workdir, "compile_cache")
+  path = storage.absolute(setting or storage.join(workdir, "compile_cache"))
   jax.config.update("jax_compilation_cache_dir", path)
   # Cache what takes a moment to compile (the train, eval and sampling steps), not the
   # many tiny helper computations.

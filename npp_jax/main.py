@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from npp_jax import cli, compile_cache, config_lib
+from npp_jax import cli, compile_cache, config_lib, storage
 from npp_jax.jobs import evaluate, extract, sample, train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,8 +33,8 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if os.environ.get("NPP_DISTRIBUTED") == "1" or c.distributed:
     jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
-  workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(_WORKDIR.value)  # local -> absolute; gs://... as given
+  storage.makedirs(workdir)
   compile_cache.enable(c.compile_cache, workdir)
   log.info(
     "devices: %d (%s), processes: %d",

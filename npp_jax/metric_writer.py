@@ -7,12 +7,13 @@ Only process 0 writes.
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from npp_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,15 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(storage.absolute(workdir), "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # tensorboardX writes gs:// itself (google-cloud-storage, the `gcs` extra).
+        self._tb = SummaryWriter(storage.join(storage.absolute(workdir), "tensorboard"))
       except ImportError:
         log.warning("tensorboardX is not installed: no TensorBoard event files.")
 
@@ -50,8 +52,7 @@ class MetricWriter:
     for k, v in scalars.items():
       v = np.asarray(v).item() if not isinstance(v, str) else v
       row[k] = v
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    storage.append_text(self.path, json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -60,12 +61,10 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after `step` (they belong to work lost in an interruption)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not storage.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and _row_step(line) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+    lines = storage.read_text(self.path).splitlines(keepends=True)
+    storage.write_text(self.path, "".join(x for x in lines if x.strip() and _row_step(x) <= step))
 
   def close(self) -> None:
     if self._tb is not None:

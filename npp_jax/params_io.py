@@ -7,8 +7,6 @@ A converted VQ tokenizer has `vq_config.json` instead.
 
 import dataclasses
 import json
-import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from npp_jax import storage
 from npp_jax.models.gpt import abstract_params
 from npp_jax.models.gpt_config import GPTConfig
 
@@ -26,26 +25,25 @@ VQ_CONFIG_FILE = "vq_config.json"
 def save_params(directory: str, params: Any, cfg: Any, *, force: bool = False) -> str:
   """Writes `params` and `cfg` (GPTConfig or VQConfig) to `directory`; never overwrites
   unless `force`."""
-  directory = os.path.abspath(directory)
-  target = os.path.join(directory, "params")
-  if os.path.exists(target):
+  directory = storage.absolute(directory)
+  target = storage.join(directory, "params")
+  if storage.exists(target):
     if not force:
       raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it.")
-    shutil.rmtree(target)
-  os.makedirs(directory, exist_ok=True)
+    storage.remove(target)
+  storage.makedirs(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
   name = CONFIG_FILE if isinstance(cfg, GPTConfig) else VQ_CONFIG_FILE
-  with open(os.path.join(directory, name), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
+  storage.write_text(storage.join(directory, name), json.dumps(dataclasses.asdict(cfg), indent=1))
   return directory
 
 
 def restore_tree(directory: str) -> Any:
   """The params tree stored under DIR/params (numpy arrays)."""
-  target = os.path.join(os.path.abspath(directory), "params")
-  if not os.path.isdir(target):
+  target = storage.join(storage.absolute(directory), "params")
+  if not storage.isdir(target):
     raise FileNotFoundError(f"no params checkpoint at {target}.")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(target)
@@ -53,20 +51,19 @@ def restore_tree(directory: str) -> Any:
 
 def load_model_config(directory: str) -> GPTConfig:
   """The GPTConfig stored next to converted params."""
-  path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(storage.absolute(directory), CONFIG_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(
       f"{path} not found: {directory} is not a directory written by `python -m npp_jax.convert`."
     )
-  with open(path) as f:
-    return GPTConfig(**json.load(f))
+  return GPTConfig(**json.loads(storage.read_text(path)))
 
 
 def load_params(directory: str, cfg: GPTConfig | None = None) -> Any:
   """Restores params written by `save_params` as numpy arrays, checked against `cfg`."""
-  directory = os.path.abspath(directory)
-  target = os.path.join(directory, "params")
-  if not os.path.isdir(target):
+  directory = storage.absolute(directory)
+  target = storage.join(directory, "params")
+  if not storage.isdir(target):
     raise FileNotFoundError(f"no params checkpoint at {target}.")
   stored = load_model_config(directory)
   with ocp.StandardCheckpointer() as ckptr:

@@ -89,3 +89,15 @@ def global_batch(local: Mapping[str, np.ndarray], batch_sharding) -> dict[str, j
     k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k], np.int32))
     for k in ("tokens", "label")
   }
+
+
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """(row indices, rows) of a batch-sharded array that this host's devices hold, in row
+  order (each row once, however many devices hold a replica of it)."""
+  by_start: dict[int, jax.Shard] = {}
+  for shard in x.addressable_shards:
+    by_start.setdefault(shard.index[0].start or 0, shard)
+  starts = sorted(by_start)
+  rows = [np.arange(s, s + by_start[s].data.shape[0]) for s in starts]
+  values = [np.asarray(by_start[s].data) for s in starts]
+  return np.concatenate(rows), np.concatenate(values)

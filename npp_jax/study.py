@@ -9,15 +9,15 @@ and DIR/study.png (the `plot` extra: held-out next-token loss against training F
 """
 
 import copy
+import io
 import json
 import logging
-import os
 
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from npp_jax import cli, config_lib
+from npp_jax import cli, config_lib, storage
 from npp_jax.jobs import evaluate, sample, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -41,25 +41,28 @@ def run_config(c, patch_level: int, seed: int):
 
 def _curve(workdir: str) -> list[tuple[int, float, float]]:
   """(step, train_flops, held-out loss) of every evaluation of a run."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = _rows(workdir)
   return [(r["step"], r["train_flops"], r["eval/ntp_loss"]) for r in rows if "eval/ntp_loss" in r]
+
+
+def _rows(workdir: str) -> list[dict]:
+  text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run_one(c, patch_level: int, seed: int, root: str) -> dict:
   """Trains, samples and judges one schedule and seed (each step skipped when done)."""
   name = f"{SCHEDULE_NAMES[patch_level]}-seed{seed}"
-  workdir = os.path.join(root, "runs", name)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.join(root, "runs", name)
+  storage.makedirs(workdir)
   r = run_config(c, patch_level, seed)
   summary = train.run(r, workdir)
   out = sample.run(r, workdir)
   r.eval.samples = out["npz"]
-  r.eval.judge_cache = os.path.join(root, "classifier.npz")  # one judge for every run
+  r.eval.judge_cache = storage.join(root, "classifier.npz")  # one judge for every run
   scores = evaluate.run(r, workdir)
   curve = _curve(workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    last = [json.loads(line) for line in f if line.strip()][-1]
+  last = _rows(workdir)[-1]
   return {
     "name": name,
     "schedule": SCHEDULE_NAMES[patch_level],
@@ -146,7 +149,9 @@ def plot(runs: list[dict], table: list[dict], path: str) -> bool:
       ax2.scatter(r["train_flops"] / 1e12, r["class_accuracy"], color=colors[r["schedule"]])
   ax2.set(xlabel="training TFLOPs", ylabel="judge class accuracy", title="Final samples")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=100, format="png")
+  storage.write_bytes(path, buf.getvalue())
   plt.close(fig)
   return True
 
@@ -156,11 +161,9 @@ def run_study(c, root: str) -> dict:
   runs = [run_one(c, level, seed, root) for level in c.study.patch_levels for seed in c.study.seeds]
   table = summarize(runs)
   result = {"runs": runs, "summary": table, "epochs": c.train.epochs}
-  with open(os.path.join(root, "study.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(root, "study.md"), "w") as f:
-    f.write(markdown(table))
-  plot(runs, table, os.path.join(root, "study.png"))
+  storage.write_text(storage.join(root, "study.json"), json.dumps(result, indent=1))
+  storage.write_text(storage.join(root, "study.md"), markdown(table))
+  plot(runs, table, storage.join(root, "study.png"))
   log.info("study:\n%s", markdown(table))
   return result
 
@@ -169,8 +172,9 @@ def main(argv):
   del argv
   c = _CONFIG.value
   config_lib.check_study(c)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  run_study(c, _WORKDIR.value)
+  root = storage.absolute(_WORKDIR.value)
+  storage.makedirs(root)
+  run_study(c, root)
 
 
 def run():

@@ -6,7 +6,6 @@ is a directory written by `python -m npp_jax.convert vq` or the `.pt` file itsel
 """
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from npp_jax import config_lib, params_io, torch_io
+from npp_jax import config_lib, params_io, storage, torch_io
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.models import vqgan_torch
 from npp_jax.models.vqgan import VQConfig, VQModel, abstract_params, codes_to_images_uint8
@@ -24,10 +24,9 @@ from npp_jax.models.vqgan import VQConfig, VQModel, abstract_params, codes_to_im
 def vq_config(c: ml_collections.ConfigDict) -> VQConfig:
   """The VQConfig a converted checkpoint directory was written with, else `c.tokenizer`'s."""
   t = c.tokenizer
-  path = os.path.join(t.checkpoint, params_io.VQ_CONFIG_FILE) if t.checkpoint else ""
-  if path and os.path.exists(path):
-    with open(path) as f:
-      return VQConfig(**json.load(f))
+  path = storage.join(t.checkpoint, params_io.VQ_CONFIG_FILE) if t.checkpoint else ""
+  if path and storage.exists(path):
+    return VQConfig(**json.loads(storage.read_text(path)))
   return config_lib.vq_config(c)
 
 
@@ -40,7 +39,7 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
       "written by `python -m npp_jax.convert vq`)."
     )
   cfg = vq_config(c)
-  if os.path.isdir(source):
+  if storage.isdir(source):
     params = params_io.restore_tree(source)
     want = jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg))
     if jax.tree.map(lambda x: tuple(x.shape), params) != want:
@@ -108,8 +107,13 @@ def decoder(c: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
   vq = VQTokenizer.from_config(c)
   g = c.model.grid
 
+  local = jax.local_devices()
+  split = jax.sharding.NamedSharding(jax.sharding.Mesh(local, ("rows",)), P("rows"))
+
   def decode_vq(tokens: np.ndarray) -> np.ndarray:
-    codes = jnp.asarray(np.asarray(tokens, np.int32).reshape(-1, g, g))
+    codes = np.asarray(tokens, np.int32).reshape(-1, g, g)
+    # Over this host's devices when the rows split evenly (each host decodes its own rows).
+    codes = jax.device_put(codes, split) if len(codes) % len(local) == 0 else jnp.asarray(codes)
     return codes_to_images_uint8(vq.decode(codes))
 
   return decode_vq

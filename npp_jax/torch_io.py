@@ -8,6 +8,7 @@ does not fit a model. The name mappings themselves live next to each model
 """
 
 import argparse
+import io
 import logging
 import os
 import pickle
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from npp_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +92,13 @@ SAFE_GLOBALS = (argparse.Namespace,)
 
 
 def _torch_load(torch, path: str, trust: bool) -> Any:
+  source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
   if trust:
     log.warning("loading %s with weights_only=False: it may run code (trusted on request).", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(source, map_location="cpu", weights_only=False)
   torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
     what = f"a pickled {found.group(1)}" if found else "pickled objects besides tensors"
@@ -113,7 +117,7 @@ def load_torch_checkpoint(
   `.pt` files are loaded weights-only: tensors, plain containers and SAFE_GLOBALS; any
   other pickled object raises UnsafeCheckpointError unless `trust` is set.
   """
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".pt", ".pth", ".bin", ".ckpt", ".npz", ".safetensors"):
@@ -125,12 +129,11 @@ def load_torch_checkpoint(
     if torch is not None:
       obj = _torch_load(torch, path, trust)
     elif ext == ".npz":
-      with np.load(path, allow_pickle=False) as z:
-        obj = {k: z[k] for k in z.files}
+      obj = storage.load_npz(path)
     else:
-      from safetensors.numpy import load_file  # noqa: PLC0415
+      from safetensors.numpy import load  # noqa: PLC0415
 
-      obj = load_file(path)
+      obj = load(storage.read_bytes(path))
   except UnsafeCheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 (torch, zip, pickle and safetensors raise many kinds)

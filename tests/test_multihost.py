@@ -3,6 +3,7 @@ and sampling across hosts give what one process with the same devices gives."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,9 +86,22 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
 
   out = _cluster(multi, data, 12, "sample")
   with np.load(out[0]["npz"]) as z:
-    tokens = z["tokens"]
+    tokens, images = z["tokens"], z["arr_0"]
   assert tokens.shape == (12, 64)
   assert os.path.exists(out[0]["png"])
+  # Each host decoded and wrote its own rows of each of the two batches of 8.
+  parts = sorted(os.listdir(os.path.join(out[0]["dir"], "parts")))
+  assert parts == [f"part-0000{b}-00{p}of002.npz" for b in range(2) for p in range(2)]
+  for name in parts:
+    with np.load(os.path.join(out[0]["dir"], "parts", name)) as z:
+      assert len(z["rows"]) == 4 and len(z["images"]) == 4 or name.startswith("part-00001")
+  # The assembled samples are those of one process sampling the same checkpoint alone.
+  solo = tmp_path / "solo"
+  shutil.copytree(multi / "checkpoints", solo / "checkpoints")
+  (one,) = _cluster(solo, data, 12, "sample", processes=1, local_devices=4)
+  with np.load(one["npz"]) as z:
+    np.testing.assert_array_equal(z["tokens"], tokens)
+    np.testing.assert_array_equal(z["arr_0"], images)
 
 
 @pytest.mark.slow

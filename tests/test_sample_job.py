@@ -42,15 +42,17 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   assert tokens.shape == (40, 64)
   parts_dir = pathlib.Path(out["dir"]) / "parts"
   assert out["dir"].startswith(str(wd / "samples" / "step3-raw-cfg1.5-topk0-topp1.0-temp1.0-seed0"))
-  assert sorted(os.listdir(parts_dir)) == ["part-00000.npz", "part-00001.npz", "part-00002.npz"]
+  # One part file per batch and host (here one host: "000of001").
+  parts = [f"part-0000{b}-000of001.npz" for b in range(3)]
+  assert sorted(os.listdir(parts_dir)) == parts
   assert os.path.exists(wd / "samples.png")
 
   # A crash that lost the last batch and the final file: only that batch is redone.
-  os.remove(parts_dir / "part-00002.npz")
+  os.remove(parts_dir / parts[2])
   os.remove(out["npz"])
-  stamp = os.path.getmtime(parts_dir / "part-00000.npz")
+  stamp = os.path.getmtime(parts_dir / parts[0])
   out2 = sample.run(c, str(wd))
-  assert os.path.getmtime(parts_dir / "part-00000.npz") == stamp
+  assert os.path.getmtime(parts_dir / parts[0]) == stamp
   with np.load(out2["npz"]) as z:
     np.testing.assert_array_equal(z["arr_0"], arr)
     np.testing.assert_array_equal(z["labels"], labels)

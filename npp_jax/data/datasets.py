@@ -2,6 +2,7 @@
 
 import os
 
+from npp_jax import storage
 from npp_jax.data import mnist
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 
@@ -58,5 +59,5 @@ def locate(c, workdir: str) -> tuple[list[str], str | None]:
   """(training dataset dirs, held-out dir or None) of a config's `data` section; the
   embedded digits are cached in `data.cache_dir` (default WORKDIR/data)."""
   d = c.data
-  args = (d.cache_dir or os.path.join(workdir, "data"), c.model.grid, c.tokenizer.levels)
+  args = (d.cache_dir or storage.join(workdir, "data"), c.model.grid, c.tokenizer.levels)
   return dataset_dirs(d.name, d.path, *args), heldout_dir(d.name, d.eval_path, *args)

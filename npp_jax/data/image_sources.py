@@ -3,24 +3,23 @@
 Both give random access to (image, label) items, so extraction can read any shard.
 """
 
-import os
+from npp_jax import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
 def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-  """([(path, label)] sorted, class names) of an ImageFolder tree."""
-  if not os.path.isdir(root):
+  """([(path, label)] sorted, class names) of an ImageFolder tree (local or gs://)."""
+  if not storage.isdir(root):
     raise FileNotFoundError(f"image folder {root} does not exist.")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  top = storage.as_path(root)
+  classes = sorted(d.name for d in top.iterdir() if d.is_dir())
   if not classes:
     raise ValueError(f"{root} has no class sub-directories (expected root/<class>/<image>).")
   items = []
   for label, name in enumerate(classes):
-    for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-      for f in sorted(files):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
-          items.append((os.path.join(dirpath, f), label))
+    found = storage.files_under(storage.join(root, name))
+    items += [(f, label) for f in found if f.lower().endswith(IMAGE_EXTENSIONS)]
   return items, classes
 
 

@@ -7,9 +7,11 @@ downloaded: both packages carry the pixels in their wheels.
 import logging
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
+from npp_jax import storage
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.data.pipeline import TokenSource
 from npp_jax.data.records import DatasetInfo, write_shards
@@ -43,7 +45,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
 
 def _intact(target: str, tok: GreyLevelTokenizer) -> bool:
   """Whether the cache at `target` exists and every record reads back (else it is rebuilt)."""
-  if not os.path.exists(os.path.join(target, "dataset.json")):
+  if not storage.exists(storage.join(target, "dataset.json")):
     return False
   try:
     info = DatasetInfo.load(target)
@@ -77,14 +79,18 @@ def prepare(
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; use one of {SPLITS}.")
   tok = tokenizer or GreyLevelTokenizer()
-  root = os.path.join(os.path.abspath(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
-  if all(_intact(os.path.join(root, s), tok) for s in SPLITS):
-    return os.path.join(root, split)
+  root = storage.join(storage.absolute(cache_dir), f"mnist_g{tok.grid}_v{tok.levels}")
+  if all(_intact(storage.join(root, s), tok) for s in SPLITS):
+    return storage.join(root, split)
   images, labels, name = load_digits()
   codes = tok.encode(images)
   hold = heldout_mask(len(codes))
-  tmp = root + f".tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  # Built in a local folder, then moved into place (in a bucket: uploaded).
+  if storage.is_remote(root):
+    tmp = tempfile.mkdtemp(prefix="npp_jax_digits_")
+  else:
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
   info = DatasetInfo(
     num_records=0,
     grid=tok.grid,
@@ -96,8 +102,8 @@ def prepare(
   for part, rows in (("train", ~hold), ("heldout", hold)):
     records = zip(codes[rows], labels[rows], strict=True)
     write_shards(records, os.path.join(tmp, part), info, records_per_shard=2500)
-  shutil.rmtree(root, ignore_errors=True)
-  os.replace(tmp, root)  # appears complete or not at all
+  storage.remove(root)
+  storage.move(tmp, root)  # locally a rename: appears complete or not at all
   log.info(
     "tokenized %d digits (%s) into %s: %d to train on, %d held out",
     len(codes),
@@ -106,4 +112,4 @@ def prepare(
     int((~hold).sum()),
     int(hold.sum()),
   )
-  return os.path.join(root, split)
+  return storage.join(root, split)

@@ -7,12 +7,12 @@ per_epoch = steps_per_epoch * global_batch (the reference's `drop_last` epochs).
 host reads only its own contiguous rows of every global batch.
 """
 
-import os
 from typing import Any
 
 import grain
 import numpy as np
 
+from npp_jax import storage
 from npp_jax.data.records import DatasetInfo, decode_record
 
 _REBUILD = (
@@ -31,8 +31,8 @@ class TokenSource(grain.sources.RandomAccessDataSource):
   def __init__(self, directory: str, vocab_size: int, num_classes: int, grid: int):
     self.directory = directory
     self.info = DatasetInfo.load(directory)
-    paths = [os.path.join(directory, s) for s in self.info.shards]
-    missing = [p for p in paths if not os.path.exists(p)]
+    paths = [storage.join(directory, s) for s in self.info.shards]
+    missing = [p for p in paths if not storage.exists(p)]
     if missing:
       raise FileNotFoundError(f"dataset {directory} lists shards that are missing: {missing[:3]}.")
     if not paths:

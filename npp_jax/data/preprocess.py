@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from npp_jax import storage
+
 
 def center_crop_arr(img: Image.Image, image_size: int) -> Image.Image:
   while min(*img.size) >= 2 * image_size:
@@ -50,6 +52,8 @@ def variants(img: Image.Image, image_size: int, ten_crop: bool, crop_range: floa
 
 def open_image(data: bytes | str) -> Image.Image:
   """Decodes an image from bytes or a path; raises ValueError if it is not a readable image."""
+  if isinstance(data, str) and storage.is_remote(data):
+    data = storage.read_bytes(data)  # a failed read raises: only bad images are skipped
   try:
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     img.load()

@@ -5,6 +5,7 @@ variants, tokens per variant) followed by the int32 codes of every variant, so a
 variants of an image travel together and the trainer draws one at random.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +13,8 @@ import struct
 from collections.abc import Iterable
 
 import numpy as np
+
+from npp_jax import storage
 
 MAGIC = b"NPP1"
 _HEADER = struct.Struct("<4siii")
@@ -33,20 +36,20 @@ class DatasetInfo:
   shard_sizes: tuple[int, ...] = ()
 
   def save(self, directory: str) -> None:
-    with open(os.path.join(directory, INFO_FILE), "w") as f:
-      json.dump(dataclasses.asdict(self), f, indent=1)
+    storage.write_text(
+      storage.join(directory, INFO_FILE), json.dumps(dataclasses.asdict(self), indent=1)
+    )
 
   @classmethod
   def load(cls, directory: str) -> "DatasetInfo":
-    path = os.path.join(directory, INFO_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, INFO_FILE)
+    if not storage.exists(path):
       raise FileNotFoundError(
         f"{path} not found: {directory!r} is not a tokenized dataset (write one with "
         "`--config.mode=extract`, or use configs/mnist.py for the embedded digits)."
       )
     try:
-      with open(path) as f:
-        raw = json.load(f)
+      raw = json.loads(storage.read_text(path))
       raw["shards"] = tuple(raw.get("shards", ()))
       raw["shard_sizes"] = tuple(raw.get("shard_sizes", ()))
       return cls(**raw)
@@ -89,22 +92,25 @@ def write_shards(
 ) -> DatasetInfo:
   """Writes records to `directory/prefix-XXXXX.array_record` and the dataset.json.
 
-  Each shard is written to a temporary name and renamed when complete, so an
-  interrupted run never leaves a half-written shard under its final name.
+  Each shard is written to a temporary name and renamed when complete (in a bucket:
+  written locally and uploaded when complete), so an interrupted run never leaves a
+  half-written shard under its final name.
   """
   from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   shards, sizes = [], []
-  writer, count, tmp = None, 0, ""
+  writer, count, tmp, final = None, 0, "", ""
+  staging = contextlib.ExitStack()
 
   def close():
     nonlocal writer
     if writer is not None:
       writer.close()
-      final = tmp.removesuffix(".tmp")
-      os.replace(tmp, final)
-      shards.append(os.path.basename(final))
+      if not storage.is_remote(final):
+        os.replace(tmp, final)
+      staging.close()  # uploads the shard when `directory` is in a bucket
+      shards.append(storage.basename(final))
       sizes.append(count)
       writer = None
 
@@ -112,7 +118,9 @@ def write_shards(
   for codes, label in records:
     if writer is None or count == records_per_shard:
       close()
-      tmp = os.path.join(directory, f"{prefix}-{len(shards):05d}.array_record.tmp")
+      final = storage.join(directory, f"{prefix}-{len(shards):05d}.array_record")
+      local = staging.enter_context(storage.local_copy_for_writing(final))
+      tmp = local + ".tmp" if not storage.is_remote(final) else local
       writer, count = ArrayRecordWriter(tmp, "group_size:1"), 0
     writer.write(encode_record(codes, label))
     count += 1

@@ -11,7 +11,6 @@ on by the GPT or the judge) measure its own accuracy. Generated samples are scor
 
 import dataclasses
 import logging
-import os
 
 import flax.linen as nn
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from npp_jax import storage
 from npp_jax.data import pipeline
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.data.records import DatasetInfo
@@ -103,13 +103,13 @@ class DigitJudge:
     `heldout_dir` holds the real digits it never sees."""
     images, labels = real_digits(train_dir, levels)
     held, held_labels = real_digits(heldout_dir, levels)
-    if os.path.exists(cache):
+    if storage.exists(cache):
       flat = load_npz(cache, "classifier cache")
       params = {k: {"kernel": flat[f"{k}/kernel"], "bias": flat[f"{k}/bias"]} for k in _LAYERS}
     else:
       params = train_classifier(images, labels, seed)
       flat = {f"{k}/{n}": np.asarray(v) for k, d in params.items() for n, v in d.items()}
-      np.savez(cache, **flat)
+      storage.save_npz(cache, **flat)
       log.info("trained the digit classifier and cached it in %s", cache)
     return cls(params, images, labels, held, held_labels)
 

@@ -8,7 +8,6 @@ logits (1008) of uint8 images; `batch_features` reduces them to FID/sFID statist
 import functools
 import hashlib
 import logging
-import os
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from npp_jax import sharding
+from npp_jax import sharding, storage
 from npp_jax.evaluation import stats
 from npp_jax.evaluation.sample_batches import check_images, load_npz
 from npp_jax.models import inception
@@ -93,10 +92,10 @@ def reference_statistics(
   path: str, extract: FeatureExtractor, cache_dir: str, preprocess: str
 ) -> dict:
   """mu/sigma/mu_s/sigma_s (stored ones preferred) and pool3 features of the reference."""
-  st = os.stat(path)
-  key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime}:{preprocess}".encode())
-  cache = os.path.join(cache_dir, f"ref_{key.hexdigest()[:16]}.npz")
-  if os.path.exists(cache):
+  stamp = f"{storage.absolute(path)}:{storage.size(path)}:{storage.mtime(path)}:{preprocess}"
+  key = hashlib.sha1(stamp.encode())
+  cache = storage.join(cache_dir, f"ref_{key.hexdigest()[:16]}.npz")
+  if storage.exists(cache):
     log.info("reference statistics from cache %s", cache)
     return load_npz(cache, "reference cache")
   ref = load_npz(path, "reference batch")
@@ -112,8 +111,7 @@ def reference_statistics(
     out = {k: feats[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool3")}
   if has_stats:
     out.update({k: np.asarray(ref[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")})
-  os.makedirs(cache_dir, exist_ok=True)
-  np.savez(cache, **out)
+  storage.save_npz(cache, **out)
   return out
 
 

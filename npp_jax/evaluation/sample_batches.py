@@ -1,10 +1,10 @@
 """ADM-format sample batches: `.npz` files with `arr_0` uint8 (N, H, W, 3) images."""
 
-import glob
-import os
 from typing import Any
 
 import numpy as np
+
+from npp_jax import storage
 
 
 def check_images(arr: Any, what: str) -> np.ndarray:
@@ -24,19 +24,18 @@ def check_images(arr: Any, what: str) -> np.ndarray:
 
 def load_npz(path: str, what: str) -> dict[str, np.ndarray]:
   """All arrays of an `.npz` (no pickles); `what` names the file in errors."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"{what} {path} does not exist.")
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return storage.load_npz(path)
   except Exception as e:  # noqa: BLE001
     raise ValueError(f"{what} {path} is not a readable .npz ({e}).") from e
 
 
 def latest_samples(workdir: str) -> str:
   """The newest WORKDIR/samples/<settings>/samples_*.npz that `mode=sample` wrote."""
-  found = glob.glob(os.path.join(workdir, "samples", "*", "samples_*.npz"))
-  found = sorted(found, key=os.path.getmtime)
+  found = [str(p) for p in storage.as_path(workdir).glob("samples/*/samples_*.npz")]
+  found = sorted(found, key=storage.mtime)
   if not found:
     raise FileNotFoundError(
       f"no samples_*.npz in {workdir}/samples: run --config.mode=sample "

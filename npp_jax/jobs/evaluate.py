@@ -9,12 +9,11 @@ path) sharded over the devices. Reference features are cached in WORKDIR/eval_ca
 
 import json
 import logging
-import os
 
 import jax
 import ml_collections
 
-from npp_jax import sharding, torch_io
+from npp_jax import sharding, storage, torch_io
 from npp_jax.data import datasets
 from npp_jax.evaluation import digits, inception_fid, sample_batches
 from npp_jax.models import inception_torch
@@ -31,8 +30,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.eval.kind={e.kind!r}; use one of {KINDS}.")
   result = _digits(c, workdir) if e.kind == "mnist_classifier" else _inception(c, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    storage.write_text(
+      storage.join(storage.absolute(workdir), "eval.json"), json.dumps(result, indent=1)
+    )
   return result
 
 
@@ -60,7 +60,7 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
     variables, e.preprocess, e.batch_size, sharding.make_mesh(c.mesh.to_dict())
   )
   ref = inception_fid.reference_statistics(
-    e.reference, extract, os.path.join(workdir, "eval_cache"), e.preprocess
+    e.reference, extract, storage.join(storage.absolute(workdir), "eval_cache"), e.preprocess
   )
   result = inception_fid.adm_metrics(extract, samples, ref, e.is_split_size)
   log.info(
@@ -92,7 +92,7 @@ def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
     train_dir,
     heldout,
     c.tokenizer.levels,
-    c.eval.judge_cache or os.path.join(workdir, "classifier.npz"),
+    c.eval.judge_cache or storage.join(storage.absolute(workdir), "classifier.npz"),
     seed=0,
   )
   path = c.eval.samples or sample_batches.latest_samples(workdir)

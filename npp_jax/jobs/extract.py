@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from npp_jax import tokenizers
+from npp_jax import storage, tokenizers
 from npp_jax.data import image_sources, preprocess
 from npp_jax.data.records import DatasetInfo, encode_record
 
@@ -80,19 +80,19 @@ def write_shard(
       skipped.append({"image": name, "error": str(e)})
       log.warning("skipping %s: %s", name, e)
     on_image()
-  tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
-  if loaded:
-    n_aug = loaded[0][0].shape[0]
-    codes = encode(np.concatenate([v for v, _ in loaded]))
-    codes = codes.reshape(len(loaded), n_aug, -1)
-    for (_, label), c in zip(loaded, codes, strict=True):
-      writer.write(encode_record(c, label))
-  writer.close()
-  os.replace(tmp, path)
+  with storage.local_copy_for_writing(path) as local:  # uploaded at the end in a bucket
+    tmp = local + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    if loaded:
+      n_aug = loaded[0][0].shape[0]
+      codes = encode(np.concatenate([v for v, _ in loaded]))
+      codes = codes.reshape(len(loaded), n_aug, -1)
+      for (_, label), c in zip(loaded, codes, strict=True):
+        writer.write(encode_record(c, label))
+    writer.close()
+    os.replace(tmp, local)
   meta = {"count": len(loaded), "skipped": skipped}
-  with open(path + ".json", "w") as f:
-    json.dump(meta, f)
+  storage.write_text(path + ".json", json.dumps(meta))  # the shard's completion mark
   return meta
 
 
@@ -104,8 +104,8 @@ def _shards(n: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Extracts codes per `config.extract`; returns the dataset directory and the report."""
   e = c.extract
-  out_dir = os.path.abspath(e.out_dir or os.path.join(workdir, "codes"))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.absolute(e.out_dir or storage.join(workdir, "codes"))
+  storage.makedirs(out_dir)
   vq_cfg, vq_params = tokenizers.load_vq(c)
   grid = e.image_size // vq_cfg.downsample
   if e.image_size % vq_cfg.downsample:
@@ -143,7 +143,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   shards = list(_shards(len(items), e.images_per_shard))
   host, hosts = jax.process_index(), jax.process_count()
   mine = [s for s in shards if s[0] % hosts == host]
-  todo = [s for s in mine if not os.path.exists(_shard_path(out_dir, s[0]) + ".json")]
+  todo = [s for s in mine if not storage.exists(_shard_path(out_dir, s[0]) + ".json")]
   if len(todo) < len(mine):
     log.info("resuming: %d of %d shards already written", len(mine) - len(todo), len(mine))
   from tqdm import tqdm  # noqa: PLC0415
@@ -174,15 +174,14 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _shard_path(out_dir: str, k: int) -> str:
-  return os.path.join(out_dir, f"train-{k:05d}.array_record")
+  return storage.join(out_dir, f"train-{k:05d}.array_record")
 
 
 def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
   names, sizes, skipped = [], [], []
   for k, _, _ in shards:
-    with open(_shard_path(out_dir, k) + ".json") as f:
-      meta = json.load(f)
-    names.append(os.path.basename(_shard_path(out_dir, k)))
+    meta = json.loads(storage.read_text(_shard_path(out_dir, k) + ".json"))
+    names.append(storage.basename(_shard_path(out_dir, k)))
     sizes.append(meta["count"])
     skipped += meta["skipped"]
   info = DatasetInfo(
@@ -203,8 +202,7 @@ def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
     "skipped_images": skipped,
     "classes": len(classes),
   }
-  with open(os.path.join(out_dir, "extract_report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  storage.write_text(storage.join(out_dir, "extract_report.json"), json.dumps(report, indent=1))
   log.info(
     "extracted %d images into %d shards in %s; skipped %d unreadable images (listed in "
     "extract_report.json)",

@@ -12,13 +12,15 @@ writes another folder, so samples of one setting are never reused or overwritten
 another. Batches land in `parts/` as they finish (a crashed job resumes without redoing
 them); the final `samples_N.npz` holds `arr_0` (N, H, W, 3) uint8 and `labels`, what
 OpenAI's ADM evaluator reads. WORKDIR/samples.png is the newest grid.
+
+On several hosts each host decodes (VQ) the rows its devices sampled and writes them to
+its own part file (`part-BBBBB-PPPof{P}.npz`); process 0 assembles the `.npz` once.
 """
 
 import hashlib
 import json
 import logging
-import os
-import shutil
+import re
 import time
 from typing import Any
 
@@ -29,7 +31,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from npp_jax import checkpoint, config_lib, params_io, sampling, sharding, tokenizers, torch_io
+from npp_jax import (
+  checkpoint,
+  config_lib,
+  params_io,
+  sampling,
+  sharding,
+  storage,
+  tokenizers,
+  torch_io,
+)
 from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig, abstract_params
 
@@ -45,7 +56,7 @@ def load_sampling_params(
   file's path, size and modification time.
   """
   source = c.sample.checkpoint
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = storage.join(storage.absolute(workdir), "checkpoints")
   if not source and c.train.init_from and not _has_steps(directory):
     source = c.train.init_from  # a converted release (or a .pt file) and no training yet
   if not source:
@@ -57,11 +68,12 @@ def load_sampling_params(
     _check_shapes(params, cfg, f"the checkpoint at step {step} in {directory}")
     identity = {"name": f"step{step}-{weights}", "fingerprint": meta.get("fingerprint")}
     return params, identity
-  path = os.path.abspath(source)
-  stamp = os.stat(os.path.join(path, "params") if os.path.isdir(path) else path)
-  identity = {"name": os.path.basename(path.rstrip("/")).split(".")[0], "path": path}
-  identity |= {"size": stamp.st_size, "mtime": int(stamp.st_mtime)}
-  if os.path.isdir(source):
+  path = storage.absolute(source)
+  is_dir = storage.isdir(path)
+  stamped = storage.join(path, "params") if is_dir else path
+  identity = {"name": storage.basename(path).split(".")[0], "path": path}
+  identity |= {"size": storage.size(stamped), "mtime": int(storage.mtime(stamped))}
+  if is_dir:
     return params_io.load_params(source, cfg), identity
   sd = torch_io.load_torch_checkpoint(source, trust=c.trust_checkpoint)
   return gpt_torch.params_from_torch(sd, cfg), identity
@@ -79,7 +91,7 @@ def _check_shapes(params: Any, cfg: GPTConfig, what: str) -> None:
 
 
 def _has_steps(directory: str) -> bool:
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+  return any(d.isdigit() for d in storage.listdir(directory))
 
 
 def run_settings(c: ml_collections.ConfigDict, cfg: GPTConfig, weights: dict) -> dict:
@@ -101,7 +113,7 @@ def run_settings(c: ml_collections.ConfigDict, cfg: GPTConfig, weights: dict) ->
     "tokenizer": {
       "name": t.name,
       "preset": t.preset,
-      "checkpoint": os.path.abspath(t.checkpoint) if t.checkpoint else "",
+      "checkpoint": storage.absolute(t.checkpoint) if t.checkpoint else "",
       "levels": t.levels,
       "ch": t.ch,
       "z_channels": t.z_channels,
@@ -122,20 +134,17 @@ def settings_folder(settings: dict) -> str:
 
 def _claim(out_dir: str, settings: dict) -> None:
   """Creates `out_dir` for `settings`, or checks that it holds samples of the same ones."""
-  path = os.path.join(out_dir, "settings.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+  path = storage.join(out_dir, "settings.json")
+  if storage.exists(path):
+    stored = json.loads(storage.read_text(path))
     if stored != json.loads(json.dumps(settings)):
       raise ValueError(
         f"{out_dir} holds samples of other settings (see its settings.json); move it away "
         "rather than mixing them."
       )
     return
-  os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=1)
-  os.replace(path + ".tmp", path)
+  storage.makedirs(storage.join(out_dir, "parts"))
+  storage.write_text(path, json.dumps(settings, indent=1))
 
 
 def _labels(c: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
@@ -144,7 +153,9 @@ def _labels(c: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
   return rng.integers(0, num_classes, c.sample.num_images).astype(np.int32)
 
 
-def _grid_png(images: np.ndarray, rows: int, path: str, scale: int) -> None:
+def _grid_png(images: np.ndarray, rows: int, scale: int) -> bytes:
+  import io  # noqa: PLC0415
+
   from PIL import Image  # noqa: PLC0415
 
   n, h, w, _ = images.shape
@@ -158,13 +169,9 @@ def _grid_png(images: np.ndarray, rows: int, path: str, scale: int) -> None:
   img = Image.fromarray(canvas)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
-
-
-def _write_atomic(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return buf.getvalue()
 
 
 def check_request(c: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -195,8 +202,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   params = jax.tree.map(lambda x: jnp.asarray(x, cfg.storage_dtype), params)
   params = jax.device_put(params, sharding.replicated(mesh))
   settings = run_settings(c, cfg, weights)
-  out_dir = os.path.join(os.path.abspath(workdir), "samples", settings_folder(settings))
-  parts_dir = os.path.join(out_dir, "parts")
+  out_dir = storage.join(storage.absolute(workdir), "samples", settings_folder(settings))
+  parts_dir = storage.join(out_dir, "parts")
   lead = jax.process_index() == 0
   if lead:
     _claim(out_dir, settings)
@@ -217,11 +224,13 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   pad = (-len(grid_labels)) % dp
   padded = np.concatenate([grid_labels, np.zeros(pad, np.int32)])
   toks = sampling.generate(params, cfg, padded, jax.random.fold_in(key, 1 << 20), **sampler)
-  toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))[: len(grid_labels)]
-  png = os.path.join(out_dir, "samples.png")
+  rows, local = sharding.local_rows(toks)
+  images = _gather_rows(rows, decode(local), len(padded))[: len(grid_labels)]
+  png = storage.join(out_dir, "samples.png")
   if lead:
-    _grid_png(decode(toks), len(classes), png, s.png_scale)
-    shutil.copyfile(png, os.path.join(workdir, "samples.png"))
+    data = _grid_png(images, len(classes), s.png_scale)
+    storage.write_bytes(png, data)
+    storage.write_bytes(storage.join(storage.absolute(workdir), "samples.png"), data)
     log.info(
       "wrote %s (%d classes x %d samples, cfg scale %s)",
       png,
@@ -234,41 +243,103 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   if s.num_images == 0:
     return result
   labels = _labels(c, cfg.num_classes)
-  npz = os.path.join(out_dir, f"samples_{len(labels)}.npz")
+  npz = storage.join(out_dir, f"samples_{len(labels)}.npz")
   result["npz"] = npz
-  if os.path.exists(npz):
+  if storage.exists(npz):
     log.info("%s already holds these samples (settings.json): nothing to do", npz)
     return result
   n_batches = -(-len(labels) // batch)
-  todo = [
-    b for b in range(n_batches) if not os.path.exists(os.path.join(parts_dir, f"part-{b:05d}.npz"))
-  ]
-  if len(todo) < n_batches:
+  todo = _batches_to_do(parts_dir, n_batches)
+  if len(todo) < n_batches and lead:
     log.info("resuming: %d of %d batches already done", n_batches - len(todo), n_batches)
   from tqdm import tqdm  # noqa: PLC0415
 
   t0 = time.perf_counter()
   bar = tqdm(todo, desc="sampling", unit="batch", disable=not lead)
+  me, hosts = jax.process_index(), jax.process_count()
   for b in bar:
     chunk = labels[b * batch : (b + 1) * batch]
     full = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
     toks = sampling.generate(params, cfg, full, jax.random.fold_in(key, b), **sampler)
-    toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))[: len(chunk)]
-    if lead:
-      _write_atomic(
-        os.path.join(parts_dir, f"part-{b:05d}.npz"), tokens=toks, images=decode(toks), labels=chunk
-      )
-    done = (bar.n + 1) * batch
-    bar.set_postfix(img_per_s=f"{done / (time.perf_counter() - t0):.1f}")
-  multihost_utils.sync_global_devices("samples written")
-  if lead:
-    parts = [np.load(os.path.join(parts_dir, f"part-{b:05d}.npz")) for b in range(n_batches)]
-    images = np.concatenate([p["images"] for p in parts])
-    _write_atomic(
-      npz,
-      arr_0=images,
-      labels=np.concatenate([p["labels"] for p in parts]),
-      tokens=np.concatenate([p["tokens"] for p in parts]),
+    # Each host decodes and writes only the rows its own devices sampled.
+    rows, local = sharding.local_rows(toks)
+    keep = rows < len(chunk)
+    rows, local = rows[keep], local[keep]
+    storage.save_npz(
+      storage.join(parts_dir, _part_name(b, me, hosts)),
+      rows=rows,
+      tokens=local,
+      images=decode(local) if len(local) else np.zeros((0, 1, 1, 3), np.uint8),
+      labels=chunk[rows],
     )
-    log.info("wrote %s: %d images %s", npz, len(images), images.shape[1:])
+    bar.set_postfix(img_per_s=f"{(bar.n + 1) * batch / (time.perf_counter() - t0):.1f}")
+  multihost_utils.sync_global_devices("samples written")
+  if todo and lead:
+    took = time.perf_counter() - t0
+    log.info(
+      "sampled %d images in %.1f s (%.1f images/s)",
+      len(todo) * batch,
+      took,
+      len(todo) * batch / took,
+    )
+  if lead:
+    _assemble(parts_dir, n_batches, batch, labels, npz)
   return result
+
+
+def _part_name(b: int, process: int, processes: int) -> str:
+  return f"part-{b:05d}-{process:03d}of{processes:03d}.npz"
+
+
+def _batches_to_do(parts_dir: str, n_batches: int) -> list[int]:
+  """Batches without a complete set of part files (one per host of the run that wrote it),
+  as process 0 sees them, so that every host runs the same batches."""
+  mask = np.ones(n_batches, np.int32)
+  if jax.process_index() == 0:
+    have: dict[tuple[int, int], int] = {}
+    for name in storage.listdir(parts_dir):
+      m = re.fullmatch(r"part-(\d{5})-(\d{3})of(\d{3})\.npz", name)
+      if m:
+        key = (int(m[1]), int(m[3]))
+        have[key] = have.get(key, 0) + 1
+    for (b, hosts), n in have.items():
+      if b < n_batches and n == hosts:
+        mask[b] = 0
+  mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+  return [b for b in range(n_batches) if mask[b]]
+
+
+def _gather_rows(rows: np.ndarray, local: np.ndarray, n: int) -> np.ndarray:
+  """Every host's (rows, values) -> the (n, ...) array on every host."""
+  if jax.process_count() == 1:
+    out = np.empty((n, *local.shape[1:]), local.dtype)
+    out[rows] = local
+    return out
+  all_rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1)
+  all_vals = np.asarray(multihost_utils.process_allgather(local))
+  out = np.empty((n, *local.shape[1:]), local.dtype)
+  out[all_rows] = all_vals.reshape(-1, *local.shape[1:])
+  return out
+
+
+def _assemble(parts_dir: str, n_batches: int, batch: int, labels: np.ndarray, npz: str) -> None:
+  """The ADM `.npz` from the part files of every batch (any host count wrote them)."""
+  by_batch: dict[int, list[str]] = {}
+  for name in storage.listdir(parts_dir):
+    m = re.fullmatch(r"part-(\d{5})-(\d{3})of(\d{3})\.npz", name)
+    if m:
+      by_batch.setdefault(int(m[1]), []).append(name)
+  images, tokens = [None] * len(labels), [None] * len(labels)
+  for b in range(n_batches):
+    for name in sorted(by_batch.get(b, [])):
+      part = storage.load_npz(storage.join(parts_dir, name))
+      for r, img, tok in zip(part["rows"], part["images"], part["tokens"], strict=True):
+        images[b * batch + int(r)], tokens[b * batch + int(r)] = img, tok
+  missing = [i for i, x in enumerate(images) if x is None]
+  if missing:
+    raise RuntimeError(
+      f"{len(missing)} samples are missing from {parts_dir} (first: {missing[0]})."
+    )
+  images = np.stack(images)
+  storage.save_npz(npz, arr_0=images, labels=labels, tokens=np.stack(tokens))
+  log.info("wrote %s: %d images %s", npz, len(images), images.shape[1:])

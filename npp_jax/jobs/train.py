@@ -5,7 +5,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from npp_jax import (
   params_io,
   preemption,
   sharding,
+  storage,
   train_step,
 )
 from npp_jax.data import datasets, pipeline
@@ -131,7 +131,7 @@ class Trainer:
   """Owns the mesh, the sharded state and the compiled step of each stage."""
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
-    self.c, self.workdir = c, os.path.abspath(workdir)
+    self.c, self.workdir = c, storage.absolute(workdir)
     self.cfg: GPTConfig = config_lib.train_gpt_config(c)
     self.data_dirs, self.heldout_dir = datasets.locate(c, self.workdir)
     data_dirs = self.data_dirs

@@ -1,0 +1,159 @@
+"""`--workdir=gs://...` for real, against a local GCS emulator (gcp-storage-emulator).
+
+train -> SIGKILL -> resume (bitwise the losses of an unbroken local run) -> sample -> eval,
+everything in the bucket: checkpoints (orbax through tensorstore), metrics.jsonl,
+TensorBoard (google-cloud-storage), the tokenized digits (ArrayRecord, read back through
+its own GCS client), the compilation cache, samples and eval.json. Nothing may appear on
+the local disk under a folder called `gs:`.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from npp_jax import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "npp-test"
+# The MNIST config, made small: 3 epochs of 70 steps.
+OVERRIDES = [
+  "--config.model.dim=32",
+  "--config.model.n_layer=1",
+  "--config.model.n_head=2",
+  "--config.model.scan_unroll=1",
+  "--config.train.epochs=3",
+  "--config.train.ckpt_every_steps=20",
+  "--config.train.log_every_steps=10",
+  "--config.train.eval_every_steps=70",
+  "--config.train.eval_batches=1",
+  "--config.sample.num_images=48",
+  "--config.sample.batch_size=16",
+  "--config.sample.png_per_class=2",
+]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+  """A GCS emulator on a free loopback port, and the environment that points every client
+  at it: gcsfs and google-cloud-storage (STORAGE_EMULATOR_HOST), tensorstore (orbax),
+  google-cloud-cpp (ArrayRecord reads)."""
+  port = _free_port()
+  home = tmp_path_factory.mktemp("emulator")
+  script = os.path.join(ROOT, "tests", "gcs_emulator.py")  # the emulator, downloads fixed
+  proc = subprocess.Popen(
+    [sys.executable, script, "start", "--host=127.0.0.1", f"--port={port}"]
+    + [f"--default-bucket={BUCKET}", "-q"],
+    cwd=home,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 30
+  while time.time() < deadline:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      time.sleep(0.2)
+  env = {
+    "STORAGE_EMULATOR_HOST": url,
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    # gcsfs otherwise first asks for the bucket's layout over gRPC, which the emulator
+    # does not serve (a 60 s timeout per new client).
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield env
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+def _run(workdir, cwd, env, *args):
+  cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/mnist.py"]
+  cmd += [f"--workdir={workdir}", *OVERRIDES, *args]
+  full_env = {**os.environ, **env, "PYTHONPATH": ROOT}
+  return subprocess.Popen(
+    cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def _finish(proc, timeout=600) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _losses(workdir: str) -> list[tuple]:
+  rows = [json.loads(x) for x in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _no_gs_folder(*roots) -> None:
+  for root in roots:
+    for folder, dirs, files in os.walk(root):
+      assert "gs:" not in dirs + files, f"a local folder named gs: appeared in {folder}"
+
+
+@pytest.mark.slow
+def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path):
+  cwd = tmp_path / "cwd"  # where the jobs run: a relative `gs:` folder would land here
+  cwd.mkdir()
+  config_dir = os.path.join(ROOT, "configs")
+  os.symlink(config_dir, cwd / "configs")
+  run = f"gs://{BUCKET}/run"
+
+  # The unbroken reference, on the local disk.
+  local = tmp_path / "local"
+  _finish(_run(local, cwd, emulator, "--config.compile_cache=off"))
+
+  victim = _run(run, cwd, emulator)
+  deadline = time.time() + 600
+  while time.time() < deadline and victim.poll() is None:
+    steps = [int(d) for d in storage.listdir(f"{run}/checkpoints") if d.isdigit()]
+    if steps and max(steps) >= 80:  # into stage 2
+      break
+    time.sleep(0.2)
+  assert victim.poll() is None, "the run finished before it could be killed; make it longer"
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+
+  out = _finish(_run(run, cwd, emulator))
+  assert "resumed from step" in out, out[-3000:]
+  assert "loaded (compilation cache)" in out, out[-3000:]  # the cache is in the bucket too
+  want = [(s, x) for s, x in _losses(str(local))]
+  assert _losses(run) == want, "bitwise the losses of the unbroken run, step for step"
+  assert want[-1][0] == 210
+
+  out = _finish(_run(run, cwd, emulator, "--config.mode=sample"))
+  out = _finish(_run(run, cwd, emulator, "--config.mode=eval"))
+  result = json.loads(storage.read_text(f"{run}/eval.json"))
+  assert 0 <= result["class_accuracy"] <= 1 and result["samples"].startswith(f"{run}/samples/")
+  npz = storage.load_npz(result["samples"])
+  assert npz["arr_0"].shape == (48, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+
+  top = set(storage.listdir(run))
+  assert {"checkpoints", "metrics.jsonl", "tensorboard", "data", "compile_cache"} <= top
+  assert {"samples", "samples.png", "eval.json", "classifier.npz"} <= top
+  assert any(n.startswith("events.") for n in storage.listdir(f"{run}/tensorboard"))
+  assert storage.listdir(f"{run}/compile_cache")
+  _no_gs_folder(cwd, tmp_path, ROOT)
