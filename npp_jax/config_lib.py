@@ -94,6 +94,8 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 0
   c.train.eval_batches = 4
   c.train.init_from = ""  # orbax params directory from `python -m npp_jax.convert`
+  # (start, end): a jax.profiler trace of steps start+1..end in WORKDIR/profile; (): none.
+  c.train.profile_steps = ()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -226,6 +228,16 @@ def train_gpt_config(c: ml_collections.ConfigDict) -> GPTConfig:
   return cfg
 
 
+def check_profile_steps(steps) -> None:
+  """A one-line ValueError unless `steps` is () or (start, end) with 0 <= start < end."""
+  steps = tuple(steps)
+  if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+    raise ValueError(
+      f"config.train.profile_steps={steps}: use (start, end) with 0 <= start < end, e.g. "
+      "(100, 105) traces steps 101-105, or () for no trace."
+    )
+
+
 def check_training(c: ml_collections.ConfigDict) -> None:
   """One-line errors for settings that would train wrongly or fail late; compiles nothing."""
   t, o = c.train, c.optim
@@ -234,6 +246,7 @@ def check_training(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.train.{name}={t[name]} must be >= 1.")
   if t.eval_every_steps < 0:
     raise ValueError(f"config.train.eval_every_steps={t.eval_every_steps} must be >= 0 (0: off).")
+  check_profile_steps(t.profile_steps)
   if t.eval_every_steps and c.data.name != "mnist" and not c.data.eval_path:
     raise ValueError(
       "config.train.eval_every_steps needs held-out data: set config.data.eval_path to "

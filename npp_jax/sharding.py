@@ -5,12 +5,13 @@ parameters and optimizer state sharded) and `tensor` (model parallel over heads 
 the FFN). Batches are split over data x fsdp.
 """
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -52,16 +53,21 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int
 
 
 def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over all (or the given) devices with axes (data, fsdp, tensor)."""
+  """A Mesh over all (or the given) devices with axes (data, fsdp, tensor), laid out by
+  `jax.make_mesh` in the order that fits the hardware's interconnect (TPU torus, NVLink)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(spec, len(devices))
-  try:
-    from jax.experimental import mesh_utils  # noqa: PLC0415
+  shape = mesh_shape(spec, len(devices))  # a one-line error when the axes do not fit
+  # Auto axes: the sharding is steered by in/out shardings and constraints (jax.make_mesh
+  # would otherwise make them Explicit, a different programming model).
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
-    arr = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (ValueError, AssertionError, NotImplementedError):
-    arr = np.asarray(devices).reshape(shape)
-  return Mesh(arr, AXES)
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+  """Inside: the model's logical activation constraints (the batch axis over data x fsdp)
+  apply on `mesh`; outside they are no-ops (sampling, tests on one device)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    yield
 
 
 def logical_sharding(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):

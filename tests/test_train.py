@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from npp_jax import config_lib, params_io, torch_io, train_step
+from npp_jax import config_lib, params_io, sharding, torch_io, train_step
 from npp_jax.jobs import train
 from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig
@@ -72,6 +72,12 @@ def test_sharded_step_equals_unsharded(data_dir, tmp_path):
     )
   )
   want_state, want_m = ref(host_state, host_batch)
+  # The trainer traces under the activation rules: the residual stream and the logits are
+  # constrained to the batch split (data x fsdp); without the rules they are not.
+  with sharding.activation_sharding(trainer.mesh):
+    text = ref.lower(state, batch).as_text()
+  assert text.count("sharding_constraint") >= 4 and '[{"data", "fsdp"}, {}, {}]' in text
+  assert "sharding_constraint" not in ref.lower(state, batch).as_text()
   got_state, got_m = trainer.step_fn(2, state, batch)(state, batch)
   np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-5)
   np.testing.assert_allclose(got_m["grad_norm"], want_m["grad_norm"], rtol=1e-5)
@@ -387,3 +393,16 @@ def test_parameter_overview_comes_from_shapes_alone(caplog):
   text = caplog.text
   assert "layers/attention/wq" in text and "(12, 768, 12, 64)" in text
   assert "Total: 110,888,448" in text or "Total: 110888448" in text
+
+
+def test_profile_steps_writes_a_trace_of_those_steps(data_dir, tmp_path, caplog):
+  c = tiny_config(data_dir, **{"train.max_steps": 5, "train.profile_steps": (2, 4)})
+  wd = tmp_path / "wd"
+  with caplog.at_level(logging.INFO):
+    train.run(c, str(wd))
+  traces = list((wd / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert "profiling steps 3-4 into" in caplog.text
+  c.train.profile_steps = (4, 4)
+  with pytest.raises(ValueError, match=r"profile_steps=\(4, 4\): use \(start, end\)"):
+    train.run(c, str(tmp_path / "bad"))

@@ -150,7 +150,8 @@ def bench_train(
     donate_argnums=0,
   )
   t0 = time.perf_counter()
-  compiled = fn.lower(state, data).compile()
+  with sharding.activation_sharding(mesh):  # as the trainer compiles it
+    compiled = fn.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(3):
     state, m = compiled(state, data)

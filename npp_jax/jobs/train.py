@@ -21,6 +21,7 @@ from npp_jax import (
   npp,
   params_io,
   preemption,
+  profiling,
   sharding,
   storage,
   train_step,
@@ -212,7 +213,8 @@ class Trainer:
         donate_argnums=0,
       )
       t0, hits = time.perf_counter(), compile_cache.hits()
-      compiled = jitted.lower(state, batch).compile()
+      with sharding.activation_sharding(self.mesh):
+        compiled = jitted.lower(state, batch).compile()
       seconds, cached = time.perf_counter() - t0, compile_cache.hits() > hits
       self.compile_log.append(_log_compile(patch_side, seconds, compiled, cached))
       self._compiled[patch_side] = compiled
@@ -240,7 +242,8 @@ class Trainer:
         in_shardings=(self.state_sharding.params, self.batch_sharding),
         out_shardings=sharding.replicated(self.mesh),
       )
-    losses = [self._eval(params, b) for b in self.heldout]
+    with sharding.activation_sharding(self.mesh):  # traced on the first call
+      losses = [self._eval(params, b) for b in self.heldout]
     return float(np.mean([float(x) for x in losses]))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -329,15 +332,18 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   gb = c.train.global_batch_size
   step = start
   stopped = None
+  trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
   with preemption.PreemptionGuard() as guard:
     try:
       for step in range(start, plan.total_steps):
         stage = plan.stage(step)
         side = plan.patch_sides[stage]
         batch = trainer.global_batch(next(trainer.data_iter))
+        trace.before_step(step)
         state, m = trainer.step_fn(side, state, batch)(state, batch)
         pending.append((step + 1, side, m))
         done = step + 1
+        trace.after_step(done, m)
         row: dict[str, Any] = {}
         if done % c.train.log_every_steps == 0 or done == plan.total_steps:
           _check_finite(pending, trainer.workdir, last_saved, resumed_from)
@@ -421,6 +427,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           break
       _check_finite(pending, trainer.workdir, last_saved, resumed_from)
     finally:
+      trace.stop()  # a run that ends inside the traced steps still writes its trace
       ckpt.close()
       writer.close()
   return {

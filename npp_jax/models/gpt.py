@@ -61,6 +61,12 @@ def validate_inputs(cfg: GPTConfig, tokens: Any, labels: Any, allow_null_class: 
     )
 
 
+def batch_sharded(x: Array) -> Array:
+  """Keeps an activation split over the batch axis (the `batch` logical rule) when the
+  caller traces under sharding.activation_sharding; a no-op otherwise."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class RMSNorm(nn.Module):
   """x * rsqrt(mean(x^2) + eps) in float32, rounded to the input dtype, times the weight."""
 
@@ -217,7 +223,8 @@ class Block(nn.Module):
     )
     h = x + self._drop_path(attn, drop_rate, deterministic)
     ffn = FeedForward(cfg, name="feed_forward")(RMSNorm(cfg, name="ffn_norm")(h), deterministic)
-    return (h + self._drop_path(ffn, drop_rate, deterministic), new_cache), None
+    out = batch_sharded(h + self._drop_path(ffn, drop_rate, deterministic))
+    return (out, new_cache), None
 
   def _drop_path(self, x, rate, deterministic):
     if deterministic or self.cfg.drop_path_rate == 0:
@@ -293,13 +300,13 @@ class GPT(nn.Module):
 
   def _trunk(self, h, rope, deterministic, cache=None, cache_index=None):
     cfg = self.cfg
-    h = self.tok_dropout(h, deterministic=deterministic).astype(cfg.residual)
+    h = batch_sharded(self.tok_dropout(h, deterministic=deterministic).astype(cfg.residual))
     rates = jnp.linspace(0.0, cfg.drop_path_rate, cfg.n_layer)
     layer_ids = jnp.arange(cfg.n_layer)
     (h, new_cache), _ = self.layers((h, cache), rates, layer_ids, rope, cache_index, deterministic)
     h = self.norm(h)
     logits = jnp.einsum("btd,dv->btv", h, self.output.astype(cfg.compute_dtype))
-    return logits.astype(jnp.float32), new_cache
+    return batch_sharded(logits.astype(jnp.float32)), new_cache
 
   def _class_embed(self, labels, deterministic):
     cfg = self.cfg
