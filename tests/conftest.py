@@ -35,3 +35,15 @@ def require_torch():
       raise
     pytest.skip("torch not installed (CI installs it and sets NPP_REQUIRE_TORCH=1)")
   return torch
+
+
+def require_tfds():
+  """Imports tensorflow_datasets (the `data` extra); skips locally when absent, fails when
+  CI demands it (NPP_REQUIRE_TF=1)."""
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+  except ImportError:
+    if os.environ.get("NPP_REQUIRE_TF") == "1":
+      raise
+    pytest.skip("tensorflow-datasets not installed (CI installs the `data` extra)")
+  return tfds

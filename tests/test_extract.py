@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from npp_jax import config_lib, tokenizers
-from npp_jax.data import pipeline, preprocess
+from npp_jax.data import image_sources, pipeline, preprocess
 from npp_jax.data.records import DatasetInfo
 from npp_jax.jobs import extract, train
 
+from .conftest import require_tfds
 from .manifest_weights import generate
 
 
@@ -137,3 +138,56 @@ def test_tfds_source_without_tensorflow_names_the_extra(tmp_path, folder, monkey
   c.extract.source = "tfds"
   with pytest.raises(ImportError, match=r"npp_jax\[data\]"):
     extract.run(c, str(tmp_path / "wd"))
+
+
+def _tfds_copy_of(folder, data_dir):
+  """The ImageFolder's files, corrupt one included, as a tfds dataset in the random-access
+  `array_record` format, in the ImageFolder's order (shuffling off)."""
+  tfds = require_tfds()
+  items, classes = image_sources.image_folder(str(folder))
+
+  class NppTestImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=classes)}
+      return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+      )
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, (path, label) in enumerate(items):
+        with open(path, "rb") as f:
+          yield f"{i:05d}", {"image": f.read(), "label": label}
+
+  NppTestImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return "npp_test_images", len(items)
+
+
+def test_tfds_source_gives_the_codes_of_the_image_folder(tmp_path, folder):
+  name, n = _tfds_copy_of(folder, tmp_path / "tfds")
+  assert n == 16  # 15 images and the broken one
+  c = _config(tmp_path, folder)
+  want = extract.run(c, str(tmp_path / "wd"))
+  c.extract.update(
+    source="tfds",
+    tfds_name=name,
+    split="train",
+    data_dir=str(tmp_path / "tfds"),
+    out_dir=str(tmp_path / "codes_tfds"),
+  )
+  got = extract.run(c, str(tmp_path / "wd_tfds"))
+  assert got["images"] == 15 and got["skipped"] == 1
+  # Read by record: the broken image is named by its label (tfds keeps no file name).
+  assert got["skipped_images"][0]["image"] == "record with label 1"
+  assert "unreadable image" in got["skipped_images"][0]["error"]
+  a, b = DatasetInfo.load(want["dataset"]), DatasetInfo.load(got["dataset"])
+  assert (a.num_records, a.shard_sizes, a.num_classes) == (b.num_records, b.shard_sizes, 3)
+  src_a = pipeline.TokenSource(want["dataset"], 64, 3, 4)
+  src_b = pipeline.TokenSource(got["dataset"], 64, 3, 4)
+  for i in range(15):
+    np.testing.assert_array_equal(src_b[i]["codes"], src_a[i]["codes"])
+    assert int(src_b[i]["label"]) == int(src_a[i]["label"])

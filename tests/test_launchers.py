@@ -72,6 +72,9 @@ def _stand_ins(tmp_path):
     script.chmod(0o755)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env |= {"PATH": f"{bin_dir}:{env['PATH']}", "FAKE_LOG_DIR": str(logs), "NPP_EXTRAS": "dev"}
+  # The two stand-in hosts share this checkout's .venv, where a real pod has one per
+  # worker: bring it up to date once, so that their own `make install` finds it done.
+  subprocess.run(["make", "-s", "install", "EXTRAS=dev"], cwd=ROOT, check=True, timeout=900)
   return env, logs
 
 
