@@ -5,6 +5,13 @@
 #   TINY=1 launch/bench_accelerator.sh     the same commands on configs/tiny.py (a CPU check)
 # On NVIDIA GPUs each train row is also run with the cuDNN attention kernel.
 set -uo pipefail
+# WHEELS=DIR: install the wheels launch/device_wheels.sh downloaded (machines without an
+# index: grain, array_record, ml-collections are not in a bare JAX image).
+if [ -n "${WHEELS:-}" ]; then
+  ${PYTHON:-python} -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 out=${OUT:-bench_out}
 mkdir -p "$out"
 py=${PYTHON:-python}

@@ -29,11 +29,22 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  Locally every row is appended and flushed at once. In a bucket an object cannot grow,
+  so rows are kept and the file (and TensorBoard's event file, which tensorboardX also
+  uploads whole) is uploaded at most every `upload_every_s` seconds, on `flush()` (the
+  trainer flushes before each checkpoint, so no row of a checkpointed step is lost) and
+  on `close()`.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, upload_every_s: float = 60.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = storage.join(storage.absolute(workdir), "metrics.jsonl")
+    self.remote = storage.is_remote(self.path)
+    self.upload_every_s = upload_every_s
+    self._pending = ""  # rows not yet uploaded (bucket only)
+    self._uploaded_at = time.monotonic()
     self._tb = None
     if self.enabled:
       storage.makedirs(workdir)
@@ -52,12 +63,29 @@ class MetricWriter:
     for k, v in scalars.items():
       v = np.asarray(v).item() if not isinstance(v, str) else v
       row[k] = v
-    storage.append_text(self.path, json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
+    if not self.remote:
+      storage.append_text(self.path, json.dumps(row) + "\n")
+      if self._tb is not None:
+        self._tb.flush()
+      return
+    self._pending += json.dumps(row) + "\n"
+    if time.monotonic() - self._uploaded_at >= self.upload_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes out every row logged so far (in a bucket: one upload of each file)."""
+    if not self.enabled:
+      return
+    if self._pending:
+      storage.append_text(self.path, self._pending)
+      self._pending = ""
+    if self._tb is not None:
       self._tb.flush()
+    self._uploaded_at = time.monotonic()
 
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after `step` (they belong to work lost in an interruption)."""
@@ -67,6 +95,7 @@ class MetricWriter:
     storage.write_text(self.path, "".join(x for x in lines if x.strip() and _row_step(x) <= step))
 
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 

@@ -398,6 +398,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         stop = guard.should_stop(done)
         if boundary or stop or done % c.train.ckpt_every_steps == 0:
           _check_finite(pending, trainer.workdir, last_saved, resumed_from)
+          writer.flush()  # every row up to this checkpoint is written before it
           next_stage = plan.stage(done) if done < plan.total_steps else stage
           ckpt.save(
             done,
