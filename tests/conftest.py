@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -26,24 +27,21 @@ def gpt_io():
     return {k: z[k] for k in z.files}
 
 
-def require_torch():
-  """Imports torch; skips locally when absent, fails when CI demands it (NPP_REQUIRE_TORCH=1)."""
+def _require(module: str, flag: str):
+  """Imports an optional module; skips locally when absent, fails when CI sets `flag`=1."""
   try:
-    import torch  # noqa: PLC0415
+    return importlib.import_module(module)
   except ImportError:
-    if os.environ.get("NPP_REQUIRE_TORCH") == "1":
+    if os.environ.get(flag) == "1":
       raise
-    pytest.skip("torch not installed (CI installs it and sets NPP_REQUIRE_TORCH=1)")
-  return torch
+    pytest.skip(f"{module} not installed (CI installs it and sets {flag}=1)")
+
+
+def require_torch():
+  """PyTorch (the `torch` extra), demanded in CI by NPP_REQUIRE_TORCH=1."""
+  return _require("torch", "NPP_REQUIRE_TORCH")
 
 
 def require_tfds():
-  """Imports tensorflow_datasets (the `data` extra); skips locally when absent, fails when
-  CI demands it (NPP_REQUIRE_TF=1)."""
-  try:
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-  except ImportError:
-    if os.environ.get("NPP_REQUIRE_TF") == "1":
-      raise
-    pytest.skip("tensorflow-datasets not installed (CI installs the `data` extra)")
-  return tfds
+  """tensorflow_datasets (the `data` extra), demanded in CI by NPP_REQUIRE_TF=1."""
+  return _require("tensorflow_datasets", "NPP_REQUIRE_TF")
