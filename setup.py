@@ -3,7 +3,7 @@
 import setuptools
 
 CORE = [
-  "jax>=0.6.0",
+  "jax>=0.7.1",  # jax.set_mesh
   "flax>=0.10.4",
   "optax>=0.2.4",
   "orbax-checkpoint>=0.11.0",
@@ -24,9 +24,9 @@ EXTRAS = {
   # gs:// paths: etils.epath reads and writes through gcsfs; tensorboardX through
   # google-cloud-storage (orbax and ArrayRecord reads have their own GCS clients).
   "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10"],
-  "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.2", "google-cloud-storage>=2.10"],  # libtpu + gs://
-  "cuda": ["jax[cuda12]>=0.6.0"],  # CUDA 12 wheels (driver >= 525); also the `cuda12` extra
-  "cuda12": ["jax[cuda12]>=0.6.0"],
+  "tpu": ["jax[tpu]>=0.7.1", "gcsfs>=2024.2", "google-cloud-storage>=2.10"],  # libtpu + gs://
+  "cuda": ["jax[cuda12]>=0.7.1"],  # CUDA 12 wheels (driver >= 525); also the `cuda12` extra
+  "cuda12": ["jax[cuda12]>=0.7.1"],
   "cuda13": ["jax[cuda13]>=0.7.2"],  # CUDA 13 wheels (driver >= 580)
   # Reading PyTorch `.pt`/`.pth` checkpoints. Install a CPU build explicitly
   # (`pip install torch==2.13.0`) on machines without a GPU: a bare `torch`

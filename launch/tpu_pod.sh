@@ -14,4 +14,4 @@ dir=$(cd "$(dirname "$0")/.." && pwd)
 # Every word quoted for the remote shell, so paths and overrides with spaces arrive whole.
 args=$(printf ' %q' "--config=$config" "--workdir=$workdir" "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
-  "cd $(printf %q "$dir") && make -s install EXTRAS=${NPP_EXTRAS:-tpu} && NPP_DISTRIBUTED=1 .venv/bin/python -m npp_jax.main$args"
+  "cd $(printf %q "$dir") && make -s install EXTRAS=$(printf %q "${NPP_EXTRAS:-tpu}") && NPP_DISTRIBUTED=1 .venv/bin/python -m npp_jax.main$args"

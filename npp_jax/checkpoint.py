@@ -316,16 +316,10 @@ def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
         f"no training checkpoint in {directory}: train first, or set "
         "--config.sample.checkpoint to converted params (or a .pt file)."
       )
-    # Every array whole on every device: a checkpoint written by any number of hosts reads
-    # back on this machine (orbax refuses a restore without a target across topologies).
-    everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
     for step in steps:
       try:
         saved = mngr.item_metadata(step)["state"]
-        target = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
-          getattr(saved, "tree", saved),
-        )
+        target = jax.tree.map(_spread_over_devices, getattr(saved, "tree", saved))
         got = mngr.restore(
           step,
           args=ocp.args.Composite(
@@ -337,6 +331,18 @@ def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         _warn_damaged(directory, step, e)
   raise ValueError(f"every checkpoint in {directory} is damaged: train again or sample another.")
+
+
+def _spread_over_devices(meta: Any) -> jax.ShapeDtypeStruct:
+  """A restore target on this machine's devices, whatever topology wrote the checkpoint
+  (orbax refuses a restore without one across topologies): split along the first axis
+  that divides over the devices, so that the optimizer state (twice the parameters) is
+  not copied whole to every device; small arrays are replicated."""
+  devices = np.asarray(jax.devices())
+  axis = next((i for i, d in enumerate(meta.shape) if d % len(devices) == 0), None)
+  spec = PartitionSpec() if axis is None else PartitionSpec(*[None] * axis, "all")
+  sharding = NamedSharding(Mesh(devices, ("all",)), spec)
+  return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
 
 
 class WorkdirBusyError(RuntimeError):

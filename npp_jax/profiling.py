@@ -7,6 +7,7 @@ with TensorBoard's profile plugin or xprof). A bucket workdir gets the trace upl
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -48,5 +49,6 @@ class StepTrace:
     if self._local != self.target:  # upload the trace files to the bucket
       for f in storage.files_under(self._local):
         storage.copy(f, storage.join(self.target, os.path.relpath(f, self._local)))
+      shutil.rmtree(self._local, ignore_errors=True)
     log.info("wrote the profiler trace to %s", self.target)
     self._local = None

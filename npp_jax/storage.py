@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -107,17 +108,47 @@ def read_text(path: str) -> str:
   return as_path(path).read_text()
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes `path` all at once: readers see the old file or the new one, never a part."""
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[Any]:
+  """A binary file to write `path` through, all or nothing: readers see the old file or
+  the new one; an error inside the block leaves the old one (or none)."""
   if is_remote(path):
-    as_path(path).write_bytes(data)  # an object appears when its upload completes
+    # An object appears when its upload is committed at close; fsspec commits at close
+    # even when the block raises, so a failed write is discarded instead.
+    f = as_path(path).open("wb")
+    try:
+      yield f
+    except BaseException:
+      _abandon(f)
+      raise
+    f.close()
     return
   path = absolute(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
+  try:
+    with open(tmp, "wb") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _abandon(f: Any) -> None:
+  """Drops a half-written upload so that nothing is committed."""
+  discard = getattr(f, "discard", None)
+  if discard is not None:
+    discard()  # cancels a started multi-part upload
+  # fsspec commits what it buffered on close, also from __del__: mark it closed instead.
+  with contextlib.suppress(AttributeError):
+    f.closed = True
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `path` all at once: readers see the old file or the new one, never a part."""
+  with _writing(path) as f:
     f.write(data)
-  os.replace(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:
@@ -135,10 +166,15 @@ def append_text(path: str, text: str) -> None:
 
 
 def save_npz(path: str, **arrays: np.ndarray) -> None:
-  """An uncompressed `.npz`, written all at once."""
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  write_bytes(path, buf.getvalue())
+  """An uncompressed `.npz`, written all at once (locally streamed to the file; for a
+  bucket built in memory first: zip needs a seekable file, an upload is not one)."""
+  if is_remote(path):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+    return
+  with _writing(path) as f:
+    np.savez(f, **arrays)
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -180,7 +216,7 @@ def _copy_stream(src: epath.Path, dst: epath.Path) -> None:
   # Streams through this process: epath's own copy goes through the source's backend,
   # which for a local source would treat a `gs://` destination as a local folder name.
   dst.parent.mkdir(parents=True, exist_ok=True)
-  with src.open("rb") as a, dst.open("wb") as b:
+  with src.open("rb") as a, _writing(os.fspath(dst)) as b:
     shutil.copyfileobj(a, b, 1 << 24)
 
 

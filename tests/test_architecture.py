@@ -50,8 +50,11 @@ def test_core_install_is_cpu_jax_and_accelerators_are_extras():
   core = " ".join(values["CORE"])
   assert "tensorflow" not in core and "torch" not in core and "jax[" not in core
   extras = values["EXTRAS"]
-  assert extras["tpu"][0] == "jax[tpu]>=0.6.0" and set(extras["gcs"]) <= set(extras["tpu"])
+  assert extras["tpu"][0] == "jax[tpu]>=0.7.1" and set(extras["gcs"]) <= set(extras["tpu"])
   assert extras["cuda"][0].startswith("jax[cuda12]")
   assert extras["cuda13"][0].startswith("jax[cuda13]")
-  assert "install EXTRAS=${NPP_EXTRAS:-tpu}" in (ROOT / "launch" / "tpu_pod.sh").read_text()
+  assert (
+    'install EXTRAS=$(printf %q "${NPP_EXTRAS:-tpu}")'
+    in (ROOT / "launch" / "tpu_pod.sh").read_text()
+  )
   assert 'install EXTRAS="${NPP_EXTRAS:-cuda}"' in (ROOT / "launch" / "slurm_gpu.sh").read_text()

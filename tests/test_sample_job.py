@@ -57,6 +57,19 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
     np.testing.assert_array_equal(z["arr_0"], arr)
     np.testing.assert_array_equal(z["labels"], labels)
 
+  # A part left by an interrupted run with 4 hosts (an incomplete set) is not mixed in.
+  np.savez(
+    parts_dir / "part-00000-003of004.npz",
+    rows=np.arange(4),
+    tokens=np.zeros((4, 64), np.int32),
+    images=np.zeros((4, 8, 8, 3), np.uint8),
+    labels=labels[:4],
+  )
+  os.remove(out["npz"])
+  out3 = sample.run(c, str(wd))
+  with np.load(out3["npz"]) as z:
+    np.testing.assert_array_equal(z["arr_0"], arr)
+
 
 def _digest(path):
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()

@@ -2,6 +2,9 @@
 
 import os
 
+import jax
+from jax.experimental import multihost_utils
+
 from npp_jax import storage
 from npp_jax.data import mnist
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
@@ -60,4 +63,11 @@ def locate(c, workdir: str) -> tuple[list[str], str | None]:
   embedded digits are cached in `data.cache_dir` (default WORKDIR/data)."""
   d = c.data
   args = (d.cache_dir or storage.join(workdir, "data"), c.model.grid, c.tokenizer.levels)
+  if d.name == "mnist" and jax.process_count() > 1:
+    # One host builds the shared cache (an upload to a bucket takes a while); the others
+    # wait and then find it intact, rather than rebuilding it under each other's readers.
+    if jax.process_index() == 0:
+      dataset_dirs(d.name, d.path, *args)
+      heldout_dir(d.name, d.eval_path, *args)
+    multihost_utils.sync_global_devices("embedded digits ready")
   return dataset_dirs(d.name, d.path, *args), heldout_dir(d.name, d.eval_path, *args)

@@ -71,6 +71,9 @@ def load_sampling_params(
   path = storage.absolute(source)
   is_dir = storage.isdir(path)
   stamped = storage.join(path, "params") if is_dir else path
+  if is_dir and storage.is_remote(path):
+    # A bucket "folder" has no size or time of its own: stamp orbax's commit record.
+    stamped = storage.join(stamped, "_CHECKPOINT_METADATA")
   identity = {"name": storage.basename(path).split(".")[0], "path": path}
   identity |= {"size": storage.size(stamped), "mtime": int(storage.mtime(stamped))}
   if is_dir:
@@ -296,17 +299,20 @@ def _batches_to_do(parts_dir: str, n_batches: int) -> list[int]:
   as process 0 sees them, so that every host runs the same batches."""
   mask = np.ones(n_batches, np.int32)
   if jax.process_index() == 0:
-    have: dict[tuple[int, int], int] = {}
-    for name in storage.listdir(parts_dir):
-      m = re.fullmatch(r"part-(\d{5})-(\d{3})of(\d{3})\.npz", name)
-      if m:
-        key = (int(m[1]), int(m[3]))
-        have[key] = have.get(key, 0) + 1
-    for (b, hosts), n in have.items():
-      if b < n_batches and n == hosts:
+    for (b, hosts), names in _part_sets(parts_dir).items():
+      if b < n_batches and len(names) == hosts:
         mask[b] = 0
   mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
   return [b for b in range(n_batches) if mask[b]]
+
+
+def _part_sets(parts_dir: str) -> dict[tuple[int, int], list[str]]:
+  """{(batch, host count of the run that wrote it): its part files}."""
+  sets: dict[tuple[int, int], list[str]] = {}
+  for name in storage.listdir(parts_dir):
+    if m := re.fullmatch(r"part-(\d{5})-(\d{3})of(\d{3})\.npz", name):
+      sets.setdefault((int(m[1]), int(m[3])), []).append(name)
+  return {k: sorted(v) for k, v in sets.items()}
 
 
 def _gather_rows(rows: np.ndarray, local: np.ndarray, n: int) -> np.ndarray:
@@ -324,14 +330,15 @@ def _gather_rows(rows: np.ndarray, local: np.ndarray, n: int) -> np.ndarray:
 
 def _assemble(parts_dir: str, n_batches: int, batch: int, labels: np.ndarray, npz: str) -> None:
   """The ADM `.npz` from the part files of every batch (any host count wrote them)."""
-  by_batch: dict[int, list[str]] = {}
-  for name in storage.listdir(parts_dir):
-    m = re.fullmatch(r"part-(\d{5})-(\d{3})of(\d{3})\.npz", name)
-    if m:
-      by_batch.setdefault(int(m[1]), []).append(name)
+  sets = _part_sets(parts_dir)
   images, tokens = [None] * len(labels), [None] * len(labels)
   for b in range(n_batches):
-    for name in sorted(by_batch.get(b, [])):
+    # One complete set per batch: parts an interrupted run with another host count left
+    # behind are not mixed in.
+    complete = (
+      names for (k, hosts), names in sorted(sets.items()) if k == b and len(names) == hosts
+    )
+    for name in next(complete, []):
       part = storage.load_npz(storage.join(parts_dir, name))
       for r, img, tok in zip(part["rows"], part["images"], part["tokens"], strict=True):
         images[b * batch + int(r)], tokens[b * batch + int(r)] = img, tok
