@@ -100,15 +100,14 @@ def write_shards(
 
   storage.makedirs(directory)
   shards, sizes = [], []
-  writer, count, tmp, final = None, 0, "", ""
+  writer, count, local, final = None, 0, "", ""
   staging = contextlib.ExitStack()
 
   def close():
     nonlocal writer
     if writer is not None:
       writer.close()
-      if not storage.is_remote(final):
-        os.replace(tmp, final)
+      os.replace(local + ".tmp", local)
       staging.close()  # uploads the shard when `directory` is in a bucket
       shards.append(storage.basename(final))
       sizes.append(count)
@@ -120,8 +119,7 @@ def write_shards(
       close()
       final = storage.join(directory, f"{prefix}-{len(shards):05d}.array_record")
       local = staging.enter_context(storage.local_copy_for_writing(final))
-      tmp = local + ".tmp" if not storage.is_remote(final) else local
-      writer, count = ArrayRecordWriter(tmp, "group_size:1"), 0
+      writer, count = ArrayRecordWriter(local + ".tmp", "group_size:1"), 0
     writer.write(encode_record(codes, label))
     count += 1
     total += 1

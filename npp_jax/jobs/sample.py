@@ -317,10 +317,6 @@ def _part_sets(parts_dir: str) -> dict[tuple[int, int], list[str]]:
 
 def _gather_rows(rows: np.ndarray, local: np.ndarray, n: int) -> np.ndarray:
   """Every host's (rows, values) -> the (n, ...) array on every host."""
-  if jax.process_count() == 1:
-    out = np.empty((n, *local.shape[1:]), local.dtype)
-    out[rows] = local
-    return out
   all_rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1)
   all_vals = np.asarray(multihost_utils.process_allgather(local))
   out = np.empty((n, *local.shape[1:]), local.dtype)
