@@ -185,7 +185,8 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def copy(src: str, dst: str) -> None:
-  write_bytes(dst, read_bytes(src))
+  """Copies a file, streamed (between a bucket and the local disk, either way)."""
+  _copy_stream(as_path(src), as_path(dst))
 
 
 def remove(path: str) -> None:
