@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from npp_jax import sharding
-from npp_jax.models.gpt import GPT, GPTConfig, init_cache
+from npp_jax.models.gpt import GPT, GPTConfig, init_cache, matmul_weights_in_compute_dtype
 
 
 def filter_logits(logits: jnp.ndarray, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
@@ -121,6 +121,8 @@ def _generate(
   top_p: float,
 ):
   model = GPT(model_config)
+  # Cast before the loop: otherwise every token step casts every weight again.
+  params = matmul_weights_in_compute_dtype(params, model_config)
   guided = cfg_scale > 1.0
   b, n = labels.shape[0], model_config.seq_len
   cond = (

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from npp_jax import npp
-from npp_jax.models.gpt import GPT, GPTConfig
+from npp_jax.models.gpt import GPT, GPTConfig, matmul_weights_in_compute_dtype
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -70,6 +70,8 @@ def init_state(
 
 
 def loss_fn(params, cfg: GPTConfig, tokens, labels, rng, patch_side: int):
+  """Patch cross-entropy of one (micro-)batch; `params` as `matmul_weights_in_compute_dtype`
+  gives them (the modules' own casts are then no-ops)."""
   logits = GPT(cfg).apply(
     {"params": params},
     tokens,
@@ -83,6 +85,7 @@ def loss_fn(params, cfg: GPTConfig, tokens, labels, rng, patch_side: int):
 
 def ntp_loss(params: Any, batch: dict[str, jax.Array], cfg: GPTConfig) -> jax.Array:
   """Next-token loss (patch side 1, no dropout) of a batch: comparable across NPP stages."""
+  params = matmul_weights_in_compute_dtype(params, cfg)
   logits = GPT(cfg).apply({"params": params}, batch["tokens"], batch["label"], patch_side=1)
   return npp.patch_cross_entropy(logits, batch["tokens"], cfg.grid, 1)
 
@@ -106,10 +109,19 @@ def train_step(
   applied once: the same update as one step on B, with 1/k of the activation memory.
   """
   rng = jax.random.fold_in(root_key, state.step)
-  grad_fn = jax.value_and_grad(loss_fn)
+  # The matmul weights are cast to the compute dtype once per step, not per use, per
+  # micro-batch or again when a block is rematerialised. The gradient of a cast is the
+  # cotangent cast back, so each micro-batch's gradient is returned in the parameters'
+  # dtype (float32) before it is summed: the same numbers as casting at every use.
+  compute_params = matmul_weights_in_compute_dtype(state.params, cfg)
+
+  def grad_fn(t, y, key):
+    loss, grads = jax.value_and_grad(loss_fn)(compute_params, cfg, t, y, key, patch_side)
+    return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
   tokens, labels = batch["tokens"], batch["label"]
   if grad_accum_steps == 1:
-    loss, grads = grad_fn(state.params, cfg, tokens, labels, rng, patch_side)
+    loss, grads = grad_fn(tokens, labels, rng)
   else:
     k = grad_accum_steps
     b = tokens.shape[0]
@@ -119,7 +131,7 @@ def train_step(
     def body(carry, xs):
       loss_sum, grad_sum = carry
       i, t, y = xs
-      loss, grads = grad_fn(state.params, cfg, t, y, jax.random.fold_in(rng, i), patch_side)
+      loss, grads = grad_fn(t, y, jax.random.fold_in(rng, i))
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

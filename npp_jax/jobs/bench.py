@@ -19,6 +19,7 @@ printed as one JSON line; BENCHMARKS.md records them.
 import functools
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, hardware, npp, sampling, sharding, tokenizers, train_step
+from npp_jax import config_lib, hardware, hlo_ops, npp, sampling, sharding, tokenizers, train_step
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
 from npp_jax.evaluation import inception_fid
@@ -40,6 +41,12 @@ WHAT = ("train", "sample", "tokenizer", "eval", "schedule")
 def _device() -> str:
   d = jax.devices()[0]
   return f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"
+
+
+def _xla_flags() -> dict:
+  """XLA_FLAGS when set: they change what is measured, so a row names them."""
+  flags_set = os.environ.get("XLA_FLAGS", "").strip()
+  return {"xla_flags": flags_set} if flags_set else {}
 
 
 def random_params(cfg, key=0):
@@ -91,6 +98,7 @@ def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
     **_utilisation(_sample_flops(cfg, batch, c.sample.cfg_scale) / t),
     "first_call_sec": round(compile_s, 1),
     "device": _device(),
+    **_xla_flags(),
   }
 
 
@@ -187,17 +195,25 @@ def bench_train(
     **_utilisation(gpt_flops.train_step_flops(cfg, patch_side, batch) / t),
     **real,
     "compile_sec": round(compile_s, 1),
+    # Kernels of the compiled step outside fusions (a loop body counted once): see hlo_ops.
+    "hlo_ops": hlo_ops.op_counts(compiled.as_text()),
     "device": _device(),
+    **_xla_flags(),
   }
 
 
-def bench_schedule(c, batch: int, repeats: int, mesh) -> dict:
-  """NPP's whole-schedule training time over NTP's (every epoch at patch side 1)."""
+def bench_schedule(c, batch: int, repeats: int, mesh, report=lambda row: None) -> dict:
+  """NPP's whole-schedule training time over NTP's (every epoch at patch side 1); each
+  patch side's `bench train` row goes to `report` as it is measured."""
   cfg = config_lib.gpt_config(c)
   sides = npp.patch_sides(c.train.patch_level)
   ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
   epochs = [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-  ms = {s: bench_train(c, batch, s, repeats, mesh)["ms_per_step"] for s in sorted({*sides, 1})}
+  ms = {}
+  for s in sorted({*sides, 1}, reverse=True):
+    row = bench_train(c, batch, s, repeats, mesh)
+    report(row)
+    ms[s] = row["ms_per_step"]
   flops = {s: gpt_flops.train_step_flops(cfg, s, batch) for s in ms}
   total = ends[-1]
   return {
@@ -214,6 +230,7 @@ def bench_schedule(c, batch: int, repeats: int, mesh) -> dict:
       sum(e * flops[s] for s, e in zip(sides, epochs, strict=True)) / (total * flops[1]), 4
     ),
     "device": _device(),
+    **_xla_flags(),
   }
 
 
@@ -246,6 +263,7 @@ def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
     "batch": batch,
     "image_size": image_size,
     "device": _device(),
+    **_xla_flags(),
   }
   for name, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, codes)):
     t0 = time.perf_counter()
@@ -276,6 +294,7 @@ def bench_eval(batch: int, repeats: int, mesh, preprocess: str) -> dict:
     "preprocess": preprocess,
     "images_per_sec": round(extract.batch / t, 1),
     "device": _device(),
+    **_xla_flags(),
   }
 
 
@@ -310,7 +329,8 @@ def main(argv: list[str]) -> int:
     print(json.dumps(bench_tokenizer(c, fv.batch, fv.image_size, fv.repeats)), flush=True)
     return 0
   if what == "schedule":
-    print(json.dumps(bench_schedule(c, fv.batch, fv.repeats, mesh)), flush=True)
+    report = lambda row: print(json.dumps(row), flush=True)
+    report(bench_schedule(c, fv.batch, fv.repeats, mesh, report))
     return 0
   if what == "train":
     result = bench_train(c, fv.batch, fv.patch_side, fv.repeats, mesh, fv.real_data)

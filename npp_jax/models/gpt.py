@@ -17,7 +17,15 @@ import numpy as np
 from npp_jax import npp
 from npp_jax.models.gpt_config import PRESETS, GPTConfig, find_multiple
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "find_multiple", "init_cache", "validate_inputs"]
+__all__ = [
+  "GPT",
+  "GPTConfig",
+  "PRESETS",
+  "find_multiple",
+  "init_cache",
+  "matmul_weights_in_compute_dtype",
+  "validate_inputs",
+]
 
 Array = jnp.ndarray
 
@@ -86,6 +94,11 @@ class RMSNorm(nn.Module):
 
 def apply_rope(x: Array, rope: Array) -> Array:
   """Rotates adjacent pairs (x[2i], x[2i+1]); x (B, T, H, D), rope (T, D/2, 2). Float32 math."""
+  with jax.named_scope("rope"):  # names its ops in the HLO (see hlo_ops and its test)
+    return _rotate_pairs(x, rope)
+
+
+def _rotate_pairs(x: Array, rope: Array) -> Array:
   b, t, h, d = x.shape
   xs = x.astype(jnp.float32).reshape(b, t, h, d // 2, 2)
   cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
@@ -239,6 +252,28 @@ def _remat(cls, policy: str):
     return cls
   pol = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   return nn.remat(cls, policy=pol, prevent_cse=False)
+
+
+# The parameters that only ever enter matmuls, which the modules cast to `cfg.dtype` at use.
+# Embeddings and RMSNorm weights are read in float32 (as under autocast in the reference).
+MATMUL_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"})
+
+
+def matmul_weights_in_compute_dtype(params: Any, cfg: GPTConfig) -> Any:
+  """`params` with the matmul weights cast to `cfg.dtype` once, for a whole step.
+
+  The modules cast each weight where it is used; a step that casts first gives the same
+  numbers bit for bit, but casts once per train step (not again in rematerialisation or
+  per micro-batch), once per generated batch (not at every token step of the decode loop),
+  and all-gathers FSDP-sharded weights in bf16 (half the bytes).
+  """
+
+  def cast(path, x):
+    # The last dict key names the parameter (a boxed leaf adds a `.value` attribute).
+    name = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+    return x.astype(cfg.compute_dtype) if name in MATMUL_WEIGHTS else x
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def init_cache(cfg: GPTConfig, batch: int, max_len: int | None = None, dtype=None) -> dict:

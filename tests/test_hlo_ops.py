@@ -1,0 +1,92 @@
+"""Reading a compiled program's operations, and RMSNorm/RoPE inside fusions in the train step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from npp_jax import hlo_ops, train_step
+from npp_jax.models.gpt import GPTConfig
+
+# A hand-written module: a fusion, a loop whose body holds a cuBLAS call, an unfused
+# multiply and a copy; tuple types with nested parentheses and comments in operand lists.
+MODULE = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p), metadata={op_name="jit(f)/inside"}
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %g = (f32[4]{0}, s8[16]{0}) custom-call(%x), custom_call_target="__cublas$gemm"
+  %y = f32[4]{0} get-tuple-element(%g), index=0
+  ROOT %r = (s32[], f32[4]{0}) tuple(%i, /*index=1*/%y)
+}
+
+%cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %k = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %k), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_computation
+  %m = f32[4]{0} multiply(%f, %f), metadata={op_name="jit(f)/layers/ffn_norm/mul"}
+  %z = s32[] constant(0)
+  %t = (s32[], f32[4]{0}) tuple(%z, %m)
+  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body
+  %o = f32[4]{0} get-tuple-element(%w), index=1
+  ROOT %c = f32[4]{0} copy(%o)
+}
+"""
+
+
+def test_counts_and_names_of_a_hand_written_module():
+  ops = hlo_ops.top_level_ops(MODULE)
+  assert [(op.opcode, op.kind) for op in ops] == [
+    ("fusion", "fusion"),
+    ("multiply", "other"),
+    ("copy", "copy"),
+    ("custom-call", "library"),
+    ("compare", "other"),  # the loop condition runs too
+  ]
+  assert ops[1].op_name == "jit(f)/layers/ffn_norm/mul"
+  assert hlo_ops.op_counts(MODULE) == {"fusion": 1, "library": 1, "copy": 1, "other": 2}
+  with pytest.raises(ValueError, match="ENTRY"):
+    hlo_ops.top_level_ops("HloModule empty")
+
+
+def _compiled_train_step(cfg: GPTConfig) -> str:
+  tx = optax.adamw(1e-3)
+  init = functools.partial(train_step.init_state, cfg, tx, ema=False)
+  state = jax.jit(lambda k: train_step.unboxed(init(k)))(jax.random.key(0))
+  batch = {"tokens": jnp.zeros((8, cfg.seq_len), jnp.int32), "label": jnp.zeros((8,), jnp.int32)}
+  step = functools.partial(
+    train_step.train_step,
+    cfg=cfg,
+    tx=tx,
+    schedule=lambda s: 1e-3,
+    root_key=jax.random.key(1),
+    patch_side=1,
+  )
+  return jax.jit(step).lower(state, batch).compile().as_text()
+
+
+def test_rmsnorm_and_rope_run_inside_fusions():
+  """Every RMSNorm and RoPE operation of the compiled bf16 train step (forward and
+  backward) sits inside a fusion: none is left as its own pass over memory."""
+  text = _compiled_train_step(GPTConfig.preset("tiny"))
+  ops = hlo_ops.top_level_ops(text)
+  for scope in ("attention_norm/", "ffn_norm/", "rope/"):
+    mine = [op for op in ops if scope in op.op_name]
+    assert mine, f"no operation named {scope} in the compiled step"
+    assert {op.kind for op in mine} == {"fusion"}, [op for op in mine if op.kind != "fusion"]
+  # On the CPU nothing at all is left outside fusions but loop-carried copies.
+  assert hlo_ops.op_counts(text)["other"] == 0
