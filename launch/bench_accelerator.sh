@@ -39,14 +39,16 @@ run schedule --config=$b --batch=$train_batch
 run train --config=$l --batch=$train_batch --patch_side=1
 run sample --config=$b --batch=$sample_batch
 run sample --config=$l --batch=$sample_batch
-# Variants: all-bf16 weights for sampling; on NVIDIA GPUs the cuDNN flash kernel, and the
+# Variants: sampling with all-bf16 weights, with GPT-B's 12 layers unrolled; on NVIDIA GPUs the cuDNN flash kernel, and the
 # whole decode loop (while loop included) captured in command buffers (CUDA graphs).
 run sample --config=$b --batch=$sample_batch --config.sample.precision=bfloat16
+run sample --config=$b --batch=$sample_batch --config.sample.scan_unroll=12
 if [ "$gpu" = True ]; then
   run train --config=$b --batch=$train_batch --patch_side=1 --config.model.attention=cudnn
   run train --config=$l --batch=$train_batch --patch_side=1 --config.model.attention=cudnn
   run sample --config=$b --batch=$sample_batch --config.model.attention=cudnn
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+  # +: added to XLA's default command types (a plain list would replace them).
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
     run sample --config=$b --batch=$sample_batch
 fi
 exit $status

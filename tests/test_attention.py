@@ -89,6 +89,15 @@ def test_cudnn_attention_off_gpu_is_a_clear_error():
     GPTConfig.preset("tiny", attention="flash")
 
 
+def test_cudnn_attention_refuses_what_its_kernel_cannot_run():
+  """Checked in the config, on any machine, before anything compiles."""
+  with pytest.raises(ValueError, match="needs dtype bfloat16 or float16, not 'float32'"):
+    GPTConfig.preset("B", attention="cudnn", dtype="float32")
+  with pytest.raises(ValueError, match="head_dim .* multiple of 8, got 100"):
+    GPTConfig.preset("3B", attention="cudnn")  # 3200 / 32 heads
+  assert GPTConfig.preset("L", attention="cudnn").head_dim == 64
+
+
 def test_unrolled_layers_compute_the_same_model():
   cfg = dataclasses.replace(TINY, n_layer=3)
   unrolled = dataclasses.replace(cfg, scan_unroll=3)

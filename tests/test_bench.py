@@ -70,11 +70,11 @@ def test_accelerator_script_runs_every_benchmark_on_tiny_shapes(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
   assert "jax" in rows[0] and not any("failed" in r for r in rows)
   # The schedule's own train rows (patch sides 4, 2, 1), GPT-"L"'s, then sampling: B, L,
-  # B with bf16 weights (no GPU: no cuDNN or command-buffer rows).
+  # B with bf16 weights, B unrolled (no GPU: no cuDNN or command-buffer rows).
   benches = [r["bench"] for r in rows[1:]]
-  assert benches == ["train"] * 3 + ["schedule", "train"] + ["sample"] * 3, benches
+  assert benches == ["train"] * 3 + ["schedule", "train"] + ["sample"] * 4, benches
   assert [r["patch_side"] for r in rows[1:4]] == [4, 2, 1]
-  assert rows[-1]["dtype"] == "bfloat16" and rows[-2]["dtype"] == "float32"
+  assert [r["dtype"] for r in rows[-4:]] == ["float32", "float32", "bfloat16", "float32"]
   assert all(r["hlo_ops"]["fusion"] > 0 for r in rows[1:] if r["bench"] == "train")
   (schedule,) = [r for r in rows[1:] if r["bench"] == "schedule"]
   # The FLOP ratio of the tiny schedule from the FLOP counter; wall clock measured.

@@ -10,8 +10,11 @@ import pytest
 from npp_jax import hlo_ops, train_step
 from npp_jax.models.gpt import GPTConfig
 
-# A hand-written module: a fusion, a loop whose body holds a cuBLAS call, an unfused
-# multiply and a copy; tuple types with nested parentheses and comments in operand lists.
+# A hand-written module in the shapes GPU programs take: a fusion, an unfused multiply, a
+# command buffer (a `call` wrapping a Triton GEMM fusion and a cuBLAS call), a loop, a
+# conditional, an all-reduce whose reducer is not an op of its own, an asynchronous
+# all-gather (counted once) and an asynchronous copy; tuple types with nested parentheses
+# and comments in operand lists.
 MODULE = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
 %fused_computation (p: f32[4]) -> f32[4] {
@@ -19,13 +22,31 @@ MODULE = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
   ROOT %n = f32[4]{0} negate(%p), metadata={op_name="jit(f)/inside"}
 }
 
+%triton_gemm (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %d = f32[4]{0} dot(%p, %p), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+}
+
+%command_buffer (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %g = f32[4]{0} fusion(%x), kind=kCustom, calls=%triton_gemm
+  %c = (f32[4]{0}, s8[16]{0}) custom-call(%g), custom_call_target="__cublas$gemm"
+  ROOT %y = f32[4]{0} get-tuple-element(%c), index=0
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
 %body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
   %t = (s32[], f32[4]{0}) parameter(0)
   %i = s32[] get-tuple-element(%t), index=0
   %x = f32[4]{0} get-tuple-element(%t), index=1
-  %g = (f32[4]{0}, s8[16]{0}) custom-call(%x), custom_call_target="__cublas$gemm"
-  %y = f32[4]{0} get-tuple-element(%g), index=0
-  ROOT %r = (s32[], f32[4]{0}) tuple(%i, /*index=1*/%y)
+  %y = f32[4]{0} call(%x), to_apply=%command_buffer
+  %r = f32[4]{0} all-reduce(%y), replica_groups={}, to_apply=%add
+  ROOT %o = (s32[], f32[4]{0}) tuple(%i, /*index=1*/%r)
 }
 
 %cond (t: (s32[], f32[4])) -> pred[] {
@@ -33,6 +54,21 @@ MODULE = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
   %i = s32[] get-tuple-element(%t), index=0
   %k = s32[] constant(3)
   ROOT %lt = pred[] compare(%i, %k), direction=LT
+}
+
+%on_true (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(%x)
+}
+
+%on_false (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %c = f32[4]{0} copy(%x)
+}
+
+%wrapped (x: f32[4]) -> f32[32] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %ag = f32[32]{0} all-gather(%x), dimensions={0}
 }
 
 ENTRY %main (a: f32[4]) -> f32[4] {
@@ -43,22 +79,42 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   %t = (s32[], f32[4]{0}) tuple(%z, %m)
   %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body
   %o = f32[4]{0} get-tuple-element(%w), index=1
-  ROOT %c = f32[4]{0} copy(%o)
+  %p = pred[] constant(true)
+  %b = f32[4]{0} conditional(%p, %o, %o), true_computation=%on_true, false_computation=%on_false
+  %s = ((f32[4]{0}), f32[32]{0}) async-start(%b), calls=%wrapped
+  %d = f32[32]{0} async-done(%s)
+  %cs = (f32[4]{0}, f32[4]{0}, u32[]) copy-start(%b)
+  %cd = f32[4]{0} copy-done(%cs)
+  ROOT %r = f32[4]{0} slice(%d), slice={[0:4]}
 }
 """
 
 
 def test_counts_and_names_of_a_hand_written_module():
   ops = hlo_ops.top_level_ops(MODULE)
-  assert [(op.opcode, op.kind) for op in ops] == [
-    ("fusion", "fusion"),
-    ("multiply", "other"),
-    ("copy", "copy"),
-    ("custom-call", "library"),
-    ("compare", "other"),  # the loop condition runs too
-  ]
-  assert ops[1].op_name == "jit(f)/layers/ffn_norm/mul"
-  assert hlo_ops.op_counts(MODULE) == {"fusion": 1, "library": 1, "copy": 1, "other": 2}
+  assert sorted((op.opcode, op.kind) for op in ops) == sorted(
+    [
+      ("fusion", "fusion"),
+      ("multiply", "other"),
+      ("copy-start", "copy"),
+      ("slice", "other"),
+      ("compare", "other"),  # the loop condition runs too
+      ("fusion", "library"),  # the Triton GEMM inside the command buffer
+      ("custom-call", "library"),
+      ("all-reduce", "collective"),  # its reducer %add is not an op of its own
+      ("exponential", "other"),
+      ("copy", "copy"),
+      ("all-gather", "collective"),  # inside async-start, once
+    ]
+  )
+  assert [op.op_name for op in ops if op.opcode == "multiply"] == ["jit(f)/layers/ffn_norm/mul"]
+  assert hlo_ops.op_counts(MODULE) == {
+    "fusion": 1,
+    "library": 2,
+    "collective": 2,
+    "copy": 2,
+    "other": 4,
+  }
   with pytest.raises(ValueError, match="ENTRY"):
     hlo_ops.top_level_ops("HloModule empty")
 
@@ -87,6 +143,7 @@ def test_rmsnorm_and_rope_run_inside_fusions():
   for scope in ("attention_norm/", "ffn_norm/", "rope/"):
     mine = [op for op in ops if scope in op.op_name]
     assert mine, f"no operation named {scope} in the compiled step"
-    assert {op.kind for op in mine} == {"fusion"}, [op for op in mine if op.kind != "fusion"]
+    # A fusion of either kind: XLA:CPU fuses the norm into its matmul's custom fusion.
+    assert {op.opcode for op in mine} == {"fusion"}, [op for op in mine if op.opcode != "fusion"]
   # On the CPU nothing at all is left outside fusions but loop-carried copies.
   assert hlo_ops.op_counts(text)["other"] == 0

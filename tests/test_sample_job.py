@@ -94,6 +94,7 @@ def test_samples_are_bound_to_their_settings(tmp_path):
     ("batch_size", 8),
     ("seed", 1),
     ("precision", "bfloat16"),
+    ("scan_unroll", 2),
   ):
     other = _sample_config(data)
     other.sample[key] = value
@@ -101,7 +102,9 @@ def test_samples_are_bound_to_their_settings(tmp_path):
     assert out["dir"] not in seen, key  # sampled afresh into a folder of its own
     seen.add(out["dir"])
     stored = json.loads((pathlib.Path(out["dir"]) / "settings.json").read_text())
-    assert value in (stored["sampler"].get(key), stored.get(key)) or key == "precision"
+    assert value in (stored["sampler"].get(key), stored.get(key), stored["model"].get(key)) or (
+      key == "precision"
+    )
     with np.load(out["npz"]) as z:
       assert len(z["arr_0"]) == 40
       if key == "seed":
@@ -127,6 +130,7 @@ def test_bad_sample_settings_fail_before_sampling(tmp_path):
     ("batch_size", 0, "batch_size=0 must be >= 1"),
     ("png_per_class", 0, "png_per_class=0 must be >= 1"),
     ("batch_size", 12, "batch_size=12 must be a multiple of the 8"),
+    ("scan_unroll", 0, "config.sample.scan_unroll=0 must be an int >= 1"),
   ):
     c = _sample_config(data)
     c.sample[key] = value

@@ -43,6 +43,25 @@ def _device() -> str:
   return f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"
 
 
+def _model_settings(cfg) -> dict:
+  """The model settings a variant row differs in."""
+  return {
+    "dtype": cfg.dtype,
+    "attention": cfg.attention,
+    "scan_unroll": cfg.scan_unroll,
+    "remat": cfg.remat,
+  }
+
+
+def _op_counts(hlo_text: str) -> dict:
+  """The compiled step's operations outside fusions (see hlo_ops); a text it cannot read
+  is reported in the row instead of losing the row's timings."""
+  try:
+    return {"hlo_ops": hlo_ops.op_counts(hlo_text)}
+  except (ValueError, StopIteration) as e:
+    return {"hlo_ops": None, "hlo_ops_error": repr(e)[:200]}
+
+
 def _xla_flags() -> dict:
   """XLA_FLAGS when set: they change what is measured, so a row names them."""
   flags_set = os.environ.get("XLA_FLAGS", "").strip()
@@ -90,7 +109,7 @@ def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
     "model": c.model.preset,
     "batch": batch,
     "cfg_scale": c.sample.cfg_scale,
-    "dtype": cfg.dtype,
+    **_model_settings(cfg),
     "sec_per_batch": round(t, 4),
     "images_per_sec": round(batch / t, 1),
     "ms_per_token_step": round(1e3 * t / cfg.seq_len, 3),
@@ -189,14 +208,13 @@ def bench_train(
     "batch": batch,
     "patch_side": patch_side,
     "seq_len": (cfg.grid // patch_side) ** 2,
-    "dtype": cfg.dtype,
+    **_model_settings(cfg),
     "ms_per_step": round(1e3 * t, 2),
     "images_per_sec": round(batch / t, 1),
     **_utilisation(gpt_flops.train_step_flops(cfg, patch_side, batch) / t),
     **real,
     "compile_sec": round(compile_s, 1),
-    # Kernels of the compiled step outside fusions (a loop body counted once): see hlo_ops.
-    "hlo_ops": hlo_ops.op_counts(compiled.as_text()),
+    **_op_counts(compiled.as_text()),
     "device": _device(),
     **_xla_flags(),
   }

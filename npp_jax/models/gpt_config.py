@@ -105,6 +105,15 @@ class GPTConfig:
       problems.append(f"remat={self.remat!r} must be 'none', 'full' or 'dots'")
     if self.attention not in ("xla", "cudnn"):
       problems.append(f"attention={self.attention!r} must be 'xla' or 'cudnn'")
+    elif self.attention == "cudnn" and not problems:
+      # cuDNN's fused kernel takes 16-bit inputs and head dims that are multiples of 8
+      # (at most 128 before Hopper, 256 from Hopper on; JAX checks that on the device).
+      if self.dtype not in ("bfloat16", "float16"):
+        problems.append(f"attention='cudnn' needs dtype bfloat16 or float16, not {self.dtype!r}")
+      if self.head_dim % 8:
+        problems.append(
+          f"attention='cudnn' needs head_dim (dim/n_head) a multiple of 8, got {self.head_dim}"
+        )
     if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
       problems.append(f"scan_unroll={self.scan_unroll!r} must be a positive int")
     if problems:
