@@ -264,8 +264,8 @@ def matmul_weights_in_compute_dtype(params: Any, cfg: GPTConfig) -> Any:
 
   The modules cast each weight where it is used; a step that casts first gives the same
   numbers bit for bit, but casts once per train step (not again in rematerialisation or
-  per micro-batch), once per generated batch (not at every token step of the decode loop),
-  and all-gathers FSDP-sharded weights in bf16 (half the bytes).
+  per micro-batch) and once per generated batch (not at every token step of the decode
+  loop). The cost: a `cfg.dtype` copy of those weights lives through the step.
   """
 
   def cast(path, x):
