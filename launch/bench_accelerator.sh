@@ -39,8 +39,9 @@ run schedule --config=$b --batch=$train_batch
 run train --config=$l --batch=$train_batch --patch_side=1
 run sample --config=$b --batch=$sample_batch
 run sample --config=$l --batch=$sample_batch
-# Variants: sampling with all-bf16 weights, with GPT-B's 12 layers unrolled; on NVIDIA GPUs the cuDNN flash kernel, and the
-# whole decode loop (while loop included) captured in command buffers (CUDA graphs).
+# Variants: sampling with all-bf16 weights, with GPT-B's 12 layers unrolled; on NVIDIA GPUs
+# the cuDNN flash kernel, and the whole decode loop (while loop included) captured in
+# command buffers (CUDA graphs).
 run sample --config=$b --batch=$sample_batch --config.sample.precision=bfloat16
 run sample --config=$b --batch=$sample_batch --config.sample.scan_unroll=12
 if [ "$gpu" = True ]; then

@@ -12,7 +12,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from npp_jax import sampling, train_step
-from npp_jax.models.gpt import GPT, GPTConfig, matmul_weights_in_compute_dtype
+from npp_jax.models.gpt import GPT, GPTConfig, init_cache, matmul_weights_in_compute_dtype
 
 CFG = GPTConfig.preset("tiny", dtype="bfloat16", drop_path_rate=0.1)
 
@@ -93,18 +93,12 @@ def test_decode_logits_equal_casting_at_every_use(params):
   model = GPT(CFG)
 
   def prefill(p):
-    cache = _cache(labels.shape[0])
+    cache = init_cache(CFG, labels.shape[0])
     return model.apply({"params": p}, None, labels, cache, 0, method=GPT.decode)[0]
 
   per_use = jax.jit(prefill)(params)
   once = jax.jit(prefill)(matmul_weights_in_compute_dtype(params, CFG))
   np.testing.assert_array_equal(per_use, once)
-
-
-def _cache(batch):
-  from npp_jax.models.gpt import init_cache
-
-  return init_cache(CFG, batch)
 
 
 def _converts_to_bf16(jaxpr, shapes, depth=0, found=None):
@@ -145,15 +139,10 @@ def test_sampling_casts_each_weight_once_outside_the_decode_loop(params):
     top_p=1.0,
   )
   casts = _converts_to_bf16(jax.make_jaxpr(generate)(params).jaxpr, shapes)
-  assert sorted(casts) == sorted((0, x.shape) for k, x in _matmul_leaves(params)), casts
-
-
-def _matmul_leaves(params):
   cast = matmul_weights_in_compute_dtype(params, CFG)
-  return [
-    (k, x)
-    for (k, x), y in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(cast), strict=True
-    )
+  once = [
+    (0, x.shape)  # loop depth 0: before the decode loop
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(cast), strict=True)
     if y.dtype != x.dtype
   ]
+  assert len(once) == 8 and sorted(casts) == sorted(once), casts

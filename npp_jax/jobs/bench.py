@@ -38,9 +38,12 @@ from npp_jax.models.gpt import GPT
 WHAT = ("train", "sample", "tokenizer", "eval", "schedule")
 
 
-def _device() -> str:
+def _machine() -> dict:
+  """The devices a row ran on, and XLA_FLAGS when set (they change what is measured)."""
   d = jax.devices()[0]
-  return f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"
+  row = {"device": f"{jax.device_count()}x {getattr(d, 'device_kind', d.platform)}"}
+  xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+  return row | ({"xla_flags": xla_flags} if xla_flags else {})
 
 
 def _model_settings(cfg) -> dict:
@@ -60,12 +63,6 @@ def _op_counts(hlo_text: str) -> dict:
     return {"hlo_ops": hlo_ops.op_counts(hlo_text)}
   except (ValueError, StopIteration) as e:
     return {"hlo_ops": None, "hlo_ops_error": repr(e)[:200]}
-
-
-def _xla_flags() -> dict:
-  """XLA_FLAGS when set: they change what is measured, so a row names them."""
-  flags_set = os.environ.get("XLA_FLAGS", "").strip()
-  return {"xla_flags": flags_set} if flags_set else {}
 
 
 def random_params(cfg, key=0):
@@ -116,8 +113,7 @@ def bench_sample(c, batch: int, repeats: int, mesh) -> dict:
     # The decoding steps of a batch (guidance doubles the rows), over the measured time.
     **_utilisation(_sample_flops(cfg, batch, c.sample.cfg_scale) / t),
     "first_call_sec": round(compile_s, 1),
-    "device": _device(),
-    **_xla_flags(),
+    **_machine(),
   }
 
 
@@ -215,8 +211,7 @@ def bench_train(
     **real,
     "compile_sec": round(compile_s, 1),
     **_op_counts(compiled.as_text()),
-    "device": _device(),
-    **_xla_flags(),
+    **_machine(),
   }
 
 
@@ -247,8 +242,7 @@ def bench_schedule(c, batch: int, repeats: int, mesh, report=lambda row: None) -
     "flop_ratio": round(
       sum(e * flops[s] for s, e in zip(sides, epochs, strict=True)) / (total * flops[1]), 4
     ),
-    "device": _device(),
-    **_xla_flags(),
+    **_machine(),
   }
 
 
@@ -280,8 +274,7 @@ def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
     "model": c.tokenizer.preset,
     "batch": batch,
     "image_size": image_size,
-    "device": _device(),
-    **_xla_flags(),
+    **_machine(),
   }
   for name, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, codes)):
     t0 = time.perf_counter()
@@ -311,8 +304,7 @@ def bench_eval(batch: int, repeats: int, mesh, preprocess: str) -> dict:
     "image_size": 256,
     "preprocess": preprocess,
     "images_per_sec": round(extract.batch / t, 1),
-    "device": _device(),
-    **_xla_flags(),
+    **_machine(),
   }
 
 
