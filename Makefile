@@ -8,7 +8,7 @@ TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
 
 STUDY_WORKDIR ?= workdir/study
 
-.PHONY: install test test-fast lint format demo study clean
+.PHONY: install install-aot test test-fast lint format demo study clean
 
 # EXTRAS picks what `make install` adds: `dev` (tests, demo, lint) by default; on an
 # accelerator `make install EXTRAS=tpu` or `EXTRAS=cuda` (add `,dev` for the test-suite).
@@ -34,13 +34,24 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The compilers `python -m npp_jax.aot` targets without the hardware: libtpu (TPUs) and
+# the CUDA plugin (compile-only NVIDIA GPUs; no driver or CUDA libraries), both pinned to
+# the installed jax.
+install-aot: install
+	JAXV=$$($(PY) -c "import jax; print(jax.__version__)") && \
+	$(PY) -m pip install -q "jax[tpu]==$$JAXV" "jax-cuda12-plugin==$$JAXV" "jax-cuda12-pjrt==$$JAXV"
+
+# The tests run on the CPU whatever is installed (JAX_PLATFORMS=cpu: libtpu and the CUDA
+# plugin are for compiling only); several processes may load libtpu at once.
+TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1
+
 # Everything, slow end-to-end tests included (what CI runs).
 test: lint
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 --durations=15
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15
 
 # The quick loop: skip tests marked slow.
 test-fast: install
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
 
 # Train through every NPP stage, sample (WORKDIR/samples.png and an ADM-format npz), then
 # score the samples with a digit classifier (WORKDIR/eval.json).

@@ -79,6 +79,7 @@ setuptools.setup(
       "npp-jax-convert = npp_jax.jobs.convert:run",
       "npp-jax-bench = npp_jax.jobs.bench:run",
       "npp-jax-study = npp_jax.study:run",
+      "npp-jax-aot = npp_jax.aot:run",
     ]
   },
 )

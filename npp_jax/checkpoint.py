@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -183,6 +184,14 @@ def tree_mismatch(saved: Any, abstract: Any, limit: int = 4) -> list[str]:
   return out
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoint folders in WORKDIR/checkpoints (intact or not), unopened."""
+  directory = storage.join(storage.absolute(workdir), "checkpoints")
+  if not storage.exists(directory):
+    return []
+  return sorted(int(d) for d in storage.listdir(directory) if d.isdigit())
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, meta) under WORKDIR/checkpoints."""
 
@@ -204,7 +213,11 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
     """Saves `state` at `step` with its fingerprint, so that restore can verify it."""
-    meta = {**meta, "fingerprint": fingerprint(state)}
+    parts = part_fingerprints(state)
+    # The whole state's fingerprint is a wrapping sum over leaves: the parts' sum.
+    rest = fingerprint((state.step, state.opt_state))
+    total = (sum(parts.values()) + rest) % 2**32
+    meta = {**meta, "fingerprint": total, "fingerprints": parts}
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iter),
@@ -304,11 +317,19 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
-  """(step, state as saved, meta) of the newest checkpoint in `directory` that reads back
-  and matches its fingerprint; for readers (sampling), so nothing is moved.
+def restore_weights(
+  directory: str, use_ema: bool, shardings: Callable[[Any], Any]
+) -> tuple[int, Any, str, dict]:
+  """(step, weights, "ema" | "raw", meta) of the newest checkpoint in `directory` that
+  reads back intact; for readers (sampling), so nothing is moved.
+
+  Only the EMA weights (when `use_ema` and the run kept them) or the raw params are read,
+  not the optimizer state, each laid out by `shardings(abstract_weights)` (the mesh's
+  rules), so a model that does not fit one chip is never gathered on one. A checkpoint
+  whose meta has per-part fingerprints is verified on the part read; an older one (a
+  single fingerprint of the whole state) on the whole state, read spread over devices.
   """
-  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
@@ -319,18 +340,56 @@ def restore_newest_intact(directory: str) -> tuple[int, dict, dict]:
     for step in steps:
       try:
         saved = mngr.item_metadata(step)["state"]
-        target = jax.tree.map(_spread_over_devices, getattr(saved, "tree", saved))
-        got = mngr.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-          ),
-        )
-        _verify(got["state"], got["meta"])
-        return step, got["state"], got["meta"]
+        saved = getattr(saved, "tree", saved)
+        part = "ema" if use_ema and _has_arrays(saved.get("ema")) else "params"
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        parts = meta.get("fingerprints")
+        if parts is None and meta.get("fingerprint") is not None:
+          target = jax.tree.map(_spread_over_devices, saved)  # verify the whole, as written
+          got = mngr.restore(step, args=ocp.args.Composite(state=_pytree_restore(target)))
+          _verify(got["state"], meta)
+          weights = jax.device_put(got["state"][part], shardings(got["state"][part]))
+        else:
+          target = {part: _with_shardings(saved[part], shardings)}
+          got = mngr.restore(
+            step, args=ocp.args.Composite(state=_pytree_restore(target, partial=True))
+          )
+          weights = got["state"][part]
+          if parts is not None and fingerprint(weights) != parts.get(part):
+            raise ValueError(f"the restored {part} do not match the fingerprint saved with them")
+        return step, weights, "ema" if part == "ema" else "raw", meta
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         _warn_damaged(directory, step, e)
   raise ValueError(f"every checkpoint in {directory} is damaged: train again or sample another.")
+
+
+def _has_arrays(tree: Any) -> bool:
+  return tree is not None and bool(jax.tree.leaves(tree))
+
+
+def _with_shardings(saved: Any, shardings: Callable[[Any], Any]) -> Any:
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings(abstract)
+  )
+
+
+def _pytree_restore(target: Any, partial: bool = False) -> Any:
+  restore_args = jax.tree.map(
+    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+    target,
+  )
+  return ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
+
+
+def part_fingerprints(state: Any) -> dict[str, int]:
+  """Fingerprints of the params and EMA of a train state (what a sampler verifies)."""
+  out = {"params": fingerprint(state.params)}
+  if getattr(state, "ema", None) is not None:
+    out["ema"] = fingerprint(state.ema)
+  return out
 
 
 def _spread_over_devices(meta: Any) -> jax.ShapeDtypeStruct:

@@ -94,6 +94,10 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 0
   c.train.eval_batches = 4
   c.train.init_from = ""  # orbax params directory from `python -m npp_jax.convert`
+  # Memory per chip a stage's compiled step may use, in GiB: 0 = the device's own (the
+  # runtime's limit, or the data sheet less 5%); a stage that needs more is refused
+  # before the first step, with the overrides that fit.
+  c.train.device_memory_gib = 0.0
   # (start, end): a jax.profiler trace of steps start+1..end in WORKDIR/profile; (): none.
   c.train.profile_steps = ()
 

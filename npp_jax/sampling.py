@@ -3,19 +3,33 @@
 Classifier-free guidance runs the conditional rows and the null-class rows as one batch,
 combines `u + s * (c - u)`, samples once and feeds the same token to both halves, as
 LlamaGen's `generate()` does (guidance only when `cfg_scale > 1`; after decode step
-`cfg_interval` the conditional logits are used alone).
+`cfg_interval` the conditional logits are used alone). The guided batch interleaves the
+rows (cond 0, null 0, cond 1, null 1, ...), so that when the batch is split over chips
+each chip holds both halves of its rows: nothing crosses chips inside the decode loop
+(the reference concatenates the halves, which on a mesh puts them on different chips).
+
+`param_sharding(cfg, mesh)` lays the weights out by the mesh's rules (fsdp and tensor
+axes), so a model too big for one chip samples over several; `lower` compiles the
+sampler from shapes alone (what `python -m npp_jax.aot` checks).
 """
 
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from npp_jax import sharding
-from npp_jax.models.gpt import GPT, GPTConfig, init_cache, matmul_weights_in_compute_dtype
+from npp_jax.models.gpt import (
+  GPT,
+  GPTConfig,
+  abstract_params,
+  init_cache,
+  matmul_weights_in_compute_dtype,
+)
 
 
 def filter_logits(logits: jnp.ndarray, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
@@ -52,8 +66,10 @@ def sample_token(
 
 
 def guide(logits: jnp.ndarray, cfg_scale: float, use_guidance: Any = True) -> jnp.ndarray:
-  """(2B, V) [cond; null] logits -> (B, V): u + s * (c - u), or c alone when not guiding."""
-  cond, uncond = jnp.split(logits, 2, axis=0)
+  """(2B, V) logits of interleaved rows (cond 0, null 0, cond 1, ...) -> (B, V):
+  u + s * (c - u), or c alone when not guiding."""
+  pairs = logits.reshape(logits.shape[0] // 2, 2, logits.shape[-1])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
   guided = uncond + (cond - uncond) * cfg_scale
   return jnp.where(use_guidance, guided, cond)
 
@@ -125,8 +141,11 @@ def _generate(
   params = matmul_weights_in_compute_dtype(params, model_config)
   guided = cfg_scale > 1.0
   b, n = labels.shape[0], model_config.seq_len
+  # Interleaved (cond, null) pairs: row 2i is label i, row 2i + 1 its null class.
   cond = (
-    jnp.concatenate([labels, jnp.full_like(labels, model_config.num_classes)]) if guided else labels
+    jnp.stack([labels, jnp.full_like(labels, model_config.num_classes)], axis=1).reshape(-1)
+    if guided
+    else labels
   )
   cache = init_cache(model_config, cond.shape[0], model_config.cls_token_num + n)
   pick = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -138,7 +157,7 @@ def _generate(
 
   def body(i, carry):
     tokens, last, cache = carry
-    x = jnp.concatenate([last, last]) if guided else last
+    x = jnp.repeat(last, 2) if guided else last
     logits, cache = model.apply({"params": params}, x[:, None], None, cache, i, method=GPT.decode)
     logits = logits[:, -1]
     if guided:
@@ -150,6 +169,42 @@ def _generate(
 
   tokens, _, _ = jax.lax.fori_loop(1, n, body, (tokens, first, cache))
   return tokens
+
+
+def param_sharding(model_config: GPTConfig, mesh: Mesh) -> Any:
+  """NamedShardings of the GPT params by the mesh's logical rules (fsdp, tensor)."""
+  return sharding.logical_sharding(abstract_params(model_config), mesh)
+
+
+def sampler_settings(
+  *, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0
+) -> dict[str, Any]:
+  """The static sampler settings `_generate` is compiled for, normalised."""
+  return dict(
+    cfg_scale=float(cfg_scale),
+    cfg_interval=int(cfg_interval),
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
+
+
+def lower(model_config: GPTConfig, mesh: Mesh, batch: int, **settings) -> jax.stages.Lowered:
+  """The sampler for `batch` labels on `mesh`, traced from shapes alone (params laid out
+  by `param_sharding`, in `model_config.param_dtype`)."""
+  shardings = param_sharding(model_config, mesh)
+  params = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.unbox(abstract_params(model_config)),
+    shardings,
+  )
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+  with sharding.activation_sharding(mesh):
+    return _generate.lower(
+      params, labels, key, model_config=model_config, **sampler_settings(**settings)
+    )
 
 
 def generate(
@@ -194,14 +249,14 @@ def generate(
   labels = jnp.asarray(np.asarray(labels, np.int32))
   if mesh is not None:
     labels = jax.device_put(labels, sharding.batch_sharding(mesh))
-  return _generate(
-    params,
-    labels,
-    rng,
-    model_config=model_config,
-    cfg_scale=float(cfg_scale),
-    cfg_interval=int(cfg_interval),
-    temperature=float(temperature),
-    top_k=int(top_k),
-    top_p=float(top_p),
+  settings = sampler_settings(
+    cfg_scale=cfg_scale,
+    cfg_interval=cfg_interval,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
   )
+  if mesh is None:
+    return _generate(params, labels, rng, model_config=model_config, **settings)
+  with sharding.activation_sharding(mesh):  # rows stay split over the data axes
+    return _generate(params, labels, rng, model_config=model_config, **settings)

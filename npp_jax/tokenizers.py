@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from npp_jax import config_lib, params_io, storage, torch_io
+from npp_jax import config_lib, params_io, sharding, storage, torch_io
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.models import vqgan_torch
 from npp_jax.models.vqgan import VQConfig, VQModel, abstract_params, codes_to_images_uint8
@@ -55,6 +55,41 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
   return cfg, params
 
 
+def _at_precision(cfg: VQConfig, precision: str, method, **jit_kwargs):
+  model = VQModel(cfg)
+
+  def fn(p, x):
+    with jax.default_matmul_precision(precision):
+      return model.apply({"params": p}, x, method=method)
+
+  return jax.jit(fn, **jit_kwargs)
+
+
+def encoder(cfg: VQConfig, precision: str, mesh=None):
+  """The jitted VQ encoder, images (B, H, W, 3) in [-1, 1] -> codes; on `mesh` the params
+  are replicated and the images split over its data axes (extraction's layout)."""
+  if mesh is None:
+    return _at_precision(cfg, precision, VQModel.encode)
+  shardings = (sharding.replicated(mesh), sharding.batch_sharding(mesh))
+  return _at_precision(cfg, precision, VQModel.encode, in_shardings=shardings)
+
+
+def lower_encoder(
+  cfg: VQConfig, precision: str, mesh, batch: int, image_size: int
+) -> jax.stages.Lowered:
+  """The encoder for `batch` images of `image_size` px on `mesh`, from shapes alone."""
+  params = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+    abstract_params(cfg),
+  )
+  images = jax.ShapeDtypeStruct(
+    (batch, image_size, image_size, cfg.in_channels),
+    jnp.float32,
+    sharding=sharding.batch_sharding(mesh),
+  )
+  return encoder(cfg, precision, mesh).lower(params, images)
+
+
 class VQTokenizer:
   """Jitted encode/decode with fixed batch shapes (one compilation per image size).
 
@@ -63,21 +98,13 @@ class VQTokenizer:
   otherwise multiply float32 in bf16 passes).
   """
 
-  def __init__(self, cfg: VQConfig, params: Any, precision: str = "float32"):
+  def __init__(self, cfg: VQConfig, params: Any, precision: str = "float32", mesh=None):
     if precision not in config_lib.PRECISIONS:
       raise ValueError(f"tokenizer precision {precision!r}; use one of {config_lib.PRECISIONS}.")
-    self.cfg, self.params, self.precision = cfg, jax.device_put(params), precision
-    model = VQModel(cfg)
-
-    def at_precision(method):
-      def fn(p, x):
-        with jax.default_matmul_precision(precision):
-          return model.apply({"params": p}, x, method=method)
-
-      return jax.jit(fn)
-
-    self._encode = at_precision(VQModel.encode)
-    self._decode = at_precision(VQModel.decode_codes)
+    self.cfg, self.precision = cfg, precision
+    self.params = jax.device_put(params, sharding.replicated(mesh) if mesh is not None else None)
+    self._encode = encoder(cfg, precision, mesh)
+    self._decode = _at_precision(cfg, precision, VQModel.decode_codes)
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> "VQTokenizer":

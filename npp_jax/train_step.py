@@ -109,11 +109,17 @@ def train_step(
   applied once: the same update as one step on B, with 1/k of the activation memory.
   """
   rng = jax.random.fold_in(root_key, state.step)
-  # The matmul weights are cast to the compute dtype once per step, not per use, per
-  # micro-batch or again when a block is rematerialised. The gradient of a cast is the
-  # cotangent cast back, so each micro-batch's gradient is returned in the parameters'
-  # dtype (float32) before it is summed: the same numbers as casting at every use.
-  compute_params = matmul_weights_in_compute_dtype(state.params, cfg)
+  # With gradients in the compute dtype (`model.grad_dtype=bfloat16`) the matmul weights
+  # are cast once per step, not per use, per micro-batch or again when a block is
+  # rematerialised; each micro-batch's gradient is cast back to the parameters' dtype
+  # before it is summed (the same numbers as casting at every use), but the chips' partial
+  # sums are reduced in bf16. By default (float32) each matmul casts its float32 weight
+  # where it is used and sums the weight's gradient in float32 (`gpt.weight_matmul`).
+  compute_params = (
+    matmul_weights_in_compute_dtype(state.params, cfg)
+    if jnp.dtype(cfg.grad_dtype) == cfg.compute_dtype
+    else state.params
+  )
 
   def grad_fn(t, y, key):
     loss, grads = jax.value_and_grad(loss_fn)(compute_params, cfg, t, y, key, patch_side)

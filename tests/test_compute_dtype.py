@@ -1,6 +1,9 @@
-"""Matmul weights cast to bf16 once per train step and once per sampled batch: the same
-numbers as casting at every use, and no weight casts left inside the decode loop."""
+"""Matmul weights cast to bf16 once per train step (with bf16 gradients) and once per
+sampled batch: the same numbers as casting at every use, and no weight casts left inside
+the decode loop. With float32 gradients (the default) the weight gradients are summed in
+float32 and never rounded to bf16."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -14,7 +17,7 @@ from jax.extend import core as jax_core
 from npp_jax import sampling, train_step
 from npp_jax.models.gpt import GPT, GPTConfig, init_cache, matmul_weights_in_compute_dtype
 
-CFG = GPTConfig.preset("tiny", dtype="bfloat16", drop_path_rate=0.1)
+CFG = GPTConfig.preset("tiny", dtype="bfloat16", drop_path_rate=0.1, grad_dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,35 @@ def test_train_step_equals_casting_at_every_use(params, accum, monkeypatch):
     assert a.dtype == jnp.float32, path
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   assert float(jnp.abs(once_state.params["output"] - params["output"]).max()) > 0
+
+
+def _grads(params, cfg, tokens, labels):
+  def loss(p):
+    p = matmul_weights_in_compute_dtype(p, cfg) if cfg.grad_dtype == cfg.dtype else p
+    return train_step.loss_fn(p, cfg, tokens, labels, jax.random.key(3), 2)
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_float32_weight_gradients(params):
+  """`grad_dtype=float32`: the same loss as bf16 gradients (the forward is unchanged), and
+  float32 weight gradients that bf16 ones equal up to bf16 rounding."""
+  tokens, labels = _inputs(batch=4)
+  wide = dataclasses.replace(CFG, grad_dtype="float32")
+  loss16, g16 = _grads(params, CFG, tokens, labels)
+  loss32, g32 = _grads(params, wide, tokens, labels)
+  assert float(loss16) == float(loss32)
+  differ = 0
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16), strict=True
+  ):
+    assert a.dtype == b.dtype == jnp.float32
+    a, b = np.asarray(a), np.asarray(b)
+    # bf16 keeps 8 significant bits: rounding moves a value by at most 2^-8 of it (the
+    # bf16 path also rounds the activations' gradients, hence the looser bound).
+    np.testing.assert_allclose(b, a, rtol=2**-5, atol=1e-4 * np.abs(a).max(), err_msg=str(path))
+    differ += int(np.any(a != b))
+  assert differ >= 8  # every matmul weight's gradient comes out of the float32 path
 
 
 def test_decode_logits_equal_casting_at_every_use(params):

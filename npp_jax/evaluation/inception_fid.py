@@ -26,15 +26,29 @@ PREPROCESS = {"adm": inception.preprocess_adm, "pytorch_fid": inception.preproce
 
 
 @functools.cache
-def _features_fn(preprocess: str):
-  """One jitted feature function per preprocessing, shared by every extractor."""
+def features_fn(preprocess: str, mesh):
+  """The jitted feature function of a preprocessing on `mesh` (weights replicated, images
+  split over its data axes), shared by every extractor."""
   pre = PREPROCESS[preprocess]
 
   def features(v, images):
     out = inception.InceptionV3().apply(v, pre(images))
     return out["pool3"], out["sfid_spatial"], out["logits_nobias"]
 
-  return jax.jit(features)
+  shardings = (sharding.replicated(mesh), sharding.batch_sharding(mesh))
+  return jax.jit(features, in_shardings=shardings)
+
+
+def lower_features(preprocess: str, mesh, batch: int, image_size: int) -> jax.stages.Lowered:
+  """The feature step for `batch` uint8 images of `image_size` px, from shapes alone."""
+  variables = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+    inception.abstract_variables(),
+  )
+  images = jax.ShapeDtypeStruct(
+    (batch, image_size, image_size, 3), jnp.uint8, sharding=sharding.batch_sharding(mesh)
+  )
+  return features_fn(preprocess, mesh).lower(variables, images)
 
 
 class FeatureExtractor:
@@ -47,7 +61,7 @@ class FeatureExtractor:
     dp = sharding.data_parallel_size(self.mesh)
     self.batch = batch + (-batch) % dp
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
-    self._fn = _features_fn(preprocess)
+    self._fn = features_fn(preprocess, self.mesh)
     self._sharding = sharding.batch_sharding(self.mesh)
 
   def __call__(self, images: np.ndarray, desc: str = "features"):

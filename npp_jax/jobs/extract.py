@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from npp_jax import storage, tokenizers
+from npp_jax import sharding, storage, tokenizers
 from npp_jax.data import image_sources, preprocess
 from npp_jax.data.records import DatasetInfo, encode_record
 
@@ -32,12 +31,12 @@ log = logging.getLogger(__name__)
 class Encoder:
   """Encodes fixed-size batches of variants on this host's devices (batch axis split)."""
 
-  def __init__(self, tokenizer: tokenizers.VQTokenizer, batch: int):
+  def __init__(self, vq_cfg, vq_params, precision: str, batch: int):
     devices = jax.local_devices()
     self.batch = batch + (-batch) % len(devices)
-    self.mesh = Mesh(np.asarray(devices), ("data",))
-    self.sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-    self.tok = tokenizer
+    self.mesh = sharding.make_mesh({"data": -1}, devices)
+    self.sharding = sharding.batch_sharding(self.mesh)
+    self.tok = tokenizers.VQTokenizer(vq_cfg, vq_params, precision=precision, mesh=self.mesh)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     out = []
@@ -138,8 +137,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       len(classes),
       c.model.num_classes,
     )
-  tok = tokenizers.VQTokenizer(vq_cfg, vq_params, precision=c.tokenizer.precision)
-  encode = Encoder(tok, e.batch_size)
+  encode = Encoder(vq_cfg, vq_params, c.tokenizer.precision, e.batch_size)
   shards = list(_shards(len(items), e.images_per_shard))
   host, hosts = jax.process_index(), jax.process_count()
   mine = [s for s in shards if s[0] % hosts == host]

@@ -26,7 +26,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -48,24 +47,30 @@ log = logging.getLogger(__name__)
 
 
 def load_sampling_params(
-  c: ml_collections.ConfigDict, workdir: str, cfg: GPTConfig
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  cfg: GPTConfig,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Any, dict]:
-  """(params, identity) per `config.sample.checkpoint` (see the module docstring).
+  """(params, identity) per `config.sample.checkpoint` (see the module docstring), laid
+  out over `mesh` by its rules; from a training checkpoint only the weights are read.
 
   The identity names the weights: the training step and the state's fingerprint, or the
   file's path, size and modification time.
   """
   source = c.sample.checkpoint
+  mesh = mesh or sharding.make_mesh(c.mesh.to_dict())
   directory = storage.join(storage.absolute(workdir), "checkpoints")
   if not source and c.train.init_from and not _has_steps(directory):
     source = c.train.init_from  # a converted release (or a .pt file) and no training yet
   if not source:
-    step, state, meta = checkpoint.restore_newest_intact(directory)
-    use_ema = c.sample.use_ema and state.get("ema") is not None
-    weights = "ema" if use_ema else "raw"
+
+    def shardings(abstract):
+      _check_shapes(abstract, cfg, f"the newest checkpoint in {directory}")
+      return sampling.param_sharding(cfg, mesh)
+
+    step, params, weights, meta = checkpoint.restore_weights(directory, c.sample.use_ema, shardings)
     log.info("sampling from step %d of %s (%s weights)", step, directory, weights)
-    params = state["ema"] if use_ema else state["params"]
-    _check_shapes(params, cfg, f"the checkpoint at step {step} in {directory}")
     identity = {"name": f"step{step}-{weights}", "fingerprint": meta.get("fingerprint")}
     return params, identity
   path = storage.absolute(source)
@@ -86,7 +91,7 @@ def _check_shapes(params: Any, cfg: GPTConfig, what: str) -> None:
   want = jax.tree.map(lambda x: tuple(x.shape), nn.unbox(abstract_params(cfg)))
   got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
   if want != got:
-    raise ValueError(
+    raise checkpoint.CheckpointMismatchError(
       f"{what} holds a model of another shape than config.model "
       f"({config_lib.preset_of(cfg) or 'custom'}, dim {cfg.dim}, {cfg.n_layer} layers, "
       f"vocab {cfg.vocab_size}): sample with the config it was trained with."
@@ -201,9 +206,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   check_request(c, dp)
   decode = tokenizers.decoder(c)
   batch = s.batch_size
-  params, weights = load_sampling_params(c, workdir, cfg)
-  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.storage_dtype), params)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  params, weights = load_sampling_params(c, workdir, cfg, mesh)
+  # Laid out by the mesh's rules (fsdp, tensor): a model too big for one chip is split.
+  params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
+  params = jax.device_put(params, sampling.param_sharding(cfg, mesh))
   settings = run_settings(c, cfg, weights)
   out_dir = storage.join(storage.absolute(workdir), "samples", settings_folder(settings))
   parts_dir = storage.join(out_dir, "parts")

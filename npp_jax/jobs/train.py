@@ -2,7 +2,6 @@
 checkpoints with exact resume, metrics)."""
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -18,95 +17,38 @@ from npp_jax import (
   config_lib,
   hardware,
   metric_writer,
-  npp,
   params_io,
   preemption,
   profiling,
+  programs,
   sharding,
   storage,
   train_step,
 )
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
-from npp_jax.models import gpt_flops
 from npp_jax.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The step-level schedule of a run, derived from the config and the dataset size."""
-
-  steps_per_epoch: int
-  patch_sides: tuple[int, ...]
-  stage_end_epochs: tuple[int, ...]
-  total_steps: int
-  stage_step_flops: tuple[int, ...] = ()  # FLOPs of one step of each stage
-
-  @property
-  def stage_end_steps(self) -> tuple[int, ...]:
-    return tuple(e * self.steps_per_epoch for e in self.stage_end_epochs)
-
-  def stage(self, step: int) -> int:
-    return npp.stage_of_step(step, self.steps_per_epoch, self.stage_end_epochs)
-
-  def flops_until(self, step: int) -> int:
-    """Training FLOPs of steps [0, step)."""
-    total, start = 0, 0
-    for end, flops in zip(self.stage_end_steps, self.stage_step_flops, strict=True):
-      total += max(0, min(step, end) - start) * flops
-      start = end
-    return total
+Plan = programs.Plan
 
 
 def plan_run(c: ml_collections.ConfigDict, num_devices: int, info: DatasetInfo | None) -> Plan:
-  """The run's step schedule; checks the config against the devices and the dataset first.
-
-  Every problem is a ValueError naming the value and the fix, before anything compiles.
-  With `info=None` (no dataset yet) steps are counted per epoch of one step.
-  """
-  config_lib.check_mode(c)
-  config_lib.check_training(c)
-  cfg = config_lib.gpt_config(c)
-  mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
-  dp = mesh_shape[0] * mesh_shape[1]
-  gb, k = c.train.global_batch_size, c.train.grad_accum_steps
-  if gb < 1 or gb % dp:
-    raise ValueError(
-      f"train.global_batch_size={gb} is not divisible by the {dp} data-parallel devices "
-      f"(mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); use a multiple of {dp}."
-    )
-  if k < 1 or (gb // dp) % k:
-    raise ValueError(
-      f"train.grad_accum_steps={k} must divide the per-device batch {gb // dp} "
-      f"(global {gb} over {dp} devices)."
-    )
-  sides = npp.patch_sides(c.train.patch_level)
-  for s in sides:
-    if cfg.grid % s:
-      raise ValueError(
-        f"train.patch_level={c.train.patch_level} needs patch side {s}, which does not divide "
-        f"the {cfg.grid}x{cfg.grid} token grid; lower train.patch_level."
-      )
-  ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
-  if not 0.0 <= c.train.ema_decay < 1.0:
-    raise ValueError(f"train.ema_decay={c.train.ema_decay} must be in [0, 1).")
-  step_flops = tuple(gpt_flops.train_step_flops(cfg, s, gb) for s in sides)
-  if info is None:
-    return Plan(1, tuple(sides), tuple(ends), ends[-1], step_flops)
-  for key, want in (
-    ("grid", cfg.grid),
-    ("vocab_size", cfg.vocab_size),
-    ("num_classes", cfg.num_classes),
-  ):
-    if getattr(info, key) != want:
-      raise ValueError(
-        f"the dataset has {key}={getattr(info, key)} but config.model.{key}={want}: set "
-        f"--config.model.{key}={getattr(info, key)} or use codes from the matching tokenizer."
-      )
-  spe = pipeline.steps_per_epoch(info.num_records, gb)
-  return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe, step_flops)
+  """The run's step schedule; checks the config against the devices and the dataset first
+  (one-line ValueErrors naming the value and the fix, before anything compiles)."""
+  plan = programs.plan_run(c, num_devices, None if info is None else info.num_records)
+  if info is not None:
+    cfg = config_lib.gpt_config(c)
+    for key in ("grid", "vocab_size", "num_classes"):
+      if getattr(info, key) != getattr(cfg, key):
+        raise ValueError(
+          f"the dataset has {key}={getattr(info, key)} but config.model.{key}="
+          f"{getattr(cfg, key)}: set --config.model.{key}={getattr(info, key)} or use codes "
+          "from the matching tokenizer."
+        )
+  return plan
 
 
 def _log_compile(patch_side: int, seconds: float, compiled: Any, cached: bool) -> dict:
@@ -133,27 +75,22 @@ class Trainer:
 
   def __init__(self, c: ml_collections.ConfigDict, workdir: str):
     self.c, self.workdir = c, storage.absolute(workdir)
-    self.cfg: GPTConfig = config_lib.train_gpt_config(c)
     self.data_dirs, self.heldout_dir = datasets.locate(c, self.workdir)
     data_dirs = self.data_dirs
     self.info = DatasetInfo.load(data_dirs[0])
-    self.plan = plan_run(c, jax.device_count(), self.info)
+    plan_run(c, jax.device_count(), self.info)  # one-line errors before any compile
+    self.mesh = sharding.make_mesh(c.mesh.to_dict())
+    self.programs = programs.TrainPrograms(c, self.mesh, self.info.num_records)
+    p = self.programs
+    self.cfg: GPTConfig = p.cfg
+    self.plan = p.plan
     if c.train.max_steps > 0:
       self.plan = dataclasses.replace(
         self.plan, total_steps=min(self.plan.total_steps, c.train.max_steps)
       )
-    self.mesh = sharding.make_mesh(c.mesh.to_dict())
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.schedule = npp.npp_lr_schedule(
-      c.optim.lr,
-      c.optim.end_lr,
-      self.plan.steps_per_epoch,
-      self.plan.stage_end_epochs,
-      c.optim.warmup_epochs,
-      c.optim.decay_ratio,
-    )
-    self.tx = train_step.make_optimizer(c.optim, self.schedule)
-    self.root_key = jax.random.key(c.seed)
+    self.batch_sharding, self.schedule, self.tx = p.batch_sharding, p.schedule, p.tx
+    self.root_key, self.state_sharding = p.root_key, p.state_sharding
+    self.abstract_state = p.abstract_state
     self.compile_log: list[dict] = []
     self._compiled: dict[int, Any] = {}
 
@@ -172,17 +109,10 @@ class Trainer:
     )
     self.data_iter = pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size)
     self.heldout = self._heldout_batches() if c.train.eval_every_steps else []
-    self._eval = None
-
-    init = functools.partial(train_step.init_state, self.cfg, self.tx, ema=c.train.ema_decay > 0)
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    self.state_sharding = sharding.logical_sharding(boxed, self.mesh)
-    self.abstract_state = train_step.unboxed(boxed)
-    self._init = jax.jit(lambda k: train_step.unboxed(init(k)), out_shardings=self.state_sharding)
 
   # -- state ------------------------------------------------------------------
   def fresh_state(self) -> train_step.TrainState:
-    state = self._init(jax.random.fold_in(self.root_key, 1 << 30))
+    state = self.programs.init(jax.random.fold_in(self.root_key, programs.FRESH_INIT))
     if self.c.train.init_from:
       params = params_io.load_params(self.c.train.init_from, self.cfg)
       params = jax.device_put(params, self.state_sharding.params)
@@ -193,31 +123,31 @@ class Trainer:
     return state
 
   # -- compiled steps ---------------------------------------------------------
-  def step_fn(self, patch_side: int, state, batch):
-    """The compiled step for one stage: traced and compiled once, then reused."""
-    if patch_side not in self._compiled:
-      fn = functools.partial(
-        train_step.train_step,
-        cfg=self.cfg,
-        tx=self.tx,
-        schedule=self.schedule,
-        root_key=self.root_key,
-        patch_side=patch_side,
-        grad_accum_steps=self.c.train.grad_accum_steps,
-        ema_decay=self.c.train.ema_decay,
-      )
-      jitted = jax.jit(
-        fn,
-        in_shardings=(self.state_sharding, self.batch_sharding),
-        out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-        donate_argnums=0,
-      )
+  def compile_stages(self, first_stage: int = 0) -> None:
+    """Compiles the step of every stage from `first_stage` on, before any step runs, and
+    refuses (ProgramTooLargeError, one line naming overrides that fit) a stage whose
+    program exceeds the device's memory."""
+    limit = programs.memory_limit(self.c, self.mesh.devices.flat[0])
+    for side in self.plan.patch_sides[first_stage:]:
+      if side in self._compiled:
+        continue
       t0, hits = time.perf_counter(), compile_cache.hits()
-      with sharding.activation_sharding(self.mesh):
-        compiled = jitted.lower(state, batch).compile()
+      compiled = self.programs.lower_step(side).compile()
       seconds, cached = time.perf_counter() - t0, compile_cache.hits() > hits
-      self.compile_log.append(_log_compile(patch_side, seconds, compiled, cached))
-      self._compiled[patch_side] = compiled
+      self.compile_log.append(_log_compile(side, seconds, compiled, cached))
+      programs.check_fits(compiled, limit, self.c, self.mesh, side, self.info.num_records)
+      self._compiled[side] = compiled
+
+  def step(self, patch_side: int, state, batch):
+    """One train step of the stage with `patch_side` (compiled on first use)."""
+    if patch_side not in self._compiled:
+      self.compile_stages(self.plan.patch_sides.index(patch_side))
+    return self._compiled[patch_side](state, batch)
+
+  def step_fn(self, patch_side: int, state=None, batch=None):
+    """The compiled step of one stage (compiled on first use)."""
+    if patch_side not in self._compiled:
+      self.compile_stages(self.plan.patch_sides.index(patch_side))
     return self._compiled[patch_side]
 
   def _heldout_batches(self) -> list[dict[str, jax.Array]]:
@@ -236,14 +166,8 @@ class Trainer:
 
   def heldout_loss(self, params) -> float:
     """Mean next-token loss over the held-out batches (one compiled eval step)."""
-    if self._eval is None:
-      self._eval = jax.jit(
-        functools.partial(train_step.ntp_loss, cfg=self.cfg),
-        in_shardings=(self.state_sharding.params, self.batch_sharding),
-        out_shardings=sharding.replicated(self.mesh),
-      )
     with sharding.activation_sharding(self.mesh):  # traced on the first call
-      losses = [self._eval(params, b) for b in self.heldout]
+      losses = [self.programs.eval_step()(params, b) for b in self.heldout]
     return float(np.mean([float(x) for x in losses]))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -286,6 +210,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainer = Trainer(c, workdir)
   plan, cfg = trainer.plan, trainer.cfg
+  # Every remaining stage's step is compiled (and checked to fit the devices' memory)
+  # before any state is restored or any step runs; the training clock starts after.
+  latest = max(checkpoint.saved_steps(trainer.workdir), default=0)
+  trainer.compile_stages(plan.stage(min(latest, plan.total_steps - 1)))
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
   writer = metric_writer.MetricWriter(trainer.workdir)
   config_dict = checkpoint.config_to_dict(c)
@@ -340,7 +268,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         side = plan.patch_sides[stage]
         batch = trainer.global_batch(next(trainer.data_iter))
         trace.before_step(step)
-        state, m = trainer.step_fn(side, state, batch)(state, batch)
+        state, m = trainer.step(side, state, batch)
         pending.append((step + 1, side, m))
         done = step + 1
         trace.after_step(done, m)

@@ -75,6 +75,44 @@ def batch_sharded(x: Array) -> Array:
   return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def weight_matmul(spec: str, x: Array, w: Array, cfg: GPTConfig) -> Array:
+  """`einsum(spec, x, w)` in the compute dtype, `w` a weight cast where it is used.
+
+  With `cfg.grad_dtype` wider than the compute dtype (float32 under bf16, the default),
+  the weight's gradient is summed over the batch into `grad_dtype` (a bf16 matmul with a
+  float32 result) and returned in the weight's dtype, never rounded to bf16: on a mesh
+  the partial sums of the chips are then reduced in float32, as the reference's DDP
+  reduces float32 gradients. Otherwise plain autodiff (weights cast once per step by
+  `matmul_weights_in_compute_dtype`, gradients reduced in the compute dtype).
+  """
+  dt = cfg.compute_dtype
+  if jnp.dtype(cfg.grad_dtype) == dt or w.dtype == dt:
+    return jnp.einsum(spec, x.astype(dt), w.astype(dt))
+  return _matmul_wide_weight_grad(spec, jnp.dtype(cfg.grad_dtype), x.astype(dt), w, dt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 4))
+def _matmul_wide_weight_grad(spec, grad_dtype, x, w, dt):
+  return jnp.einsum(spec, x, w.astype(dt))
+
+
+def _wide_fwd(spec, grad_dtype, x, w, dt):
+  w_c = w.astype(dt)
+  return jnp.einsum(spec, x, w_c), (x, w_c, jnp.zeros((), w.dtype))
+
+
+def _wide_bwd(spec, grad_dtype, dt, residuals, g):
+  x, w_c, like = residuals
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w_c)
+  dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=grad_dtype)
+  return dx.astype(x.dtype), dw.astype(like.dtype)
+
+
+_matmul_wide_weight_grad.defvjp(_wide_fwd, _wide_bwd)
+
+
 class RMSNorm(nn.Module):
   """x * rsqrt(mean(x^2) + eps) in float32, rounded to the input dtype, times the weight."""
 
@@ -174,9 +212,9 @@ class Attention(nn.Module):
       self, "wo", init, (nh, hd, cfg.dim), ("heads", "head_dim", "embed"), cfg.storage_dtype
     )
     x = x.astype(dt)
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), rope)
-    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), rope)
-    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+    q = apply_rope(weight_matmul("btd,dhk->bthk", x, wq, cfg), rope)
+    k = apply_rope(weight_matmul("btd,dhk->bthk", x, wk, cfg), rope)
+    v = weight_matmul("btd,dhk->bthk", x, wv, cfg)
 
     t = x.shape[1]
     if cache is None:
@@ -199,7 +237,7 @@ class Attention(nn.Module):
       out = _attention_with_dropout(q, keys, values, cfg.attn_dropout_p, self.make_rng("dropout"))
     else:
       out = causal_attention(q, keys, values, mask, cfg.attention)
-    out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+    out = weight_matmul("bthk,hkd->btd", out, wo, cfg)
     out = nn.Dropout(cfg.resid_dropout_p)(out, deterministic=deterministic)
     return out, new_cache
 
@@ -217,8 +255,10 @@ class FeedForward(nn.Module):
     w3 = _param(self, "w3", init, (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), cfg.storage_dtype)
     w2 = _param(self, "w2", init, (cfg.ffn_hidden, cfg.dim), ("mlp", "embed"), cfg.storage_dtype)
     x = x.astype(dt)
-    h = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
-    out = h @ w2.astype(dt)
+    h = jax.nn.silu(weight_matmul("btd,df->btf", x, w1, cfg)) * weight_matmul(
+      "btd,df->btf", x, w3, cfg
+    )
+    out = weight_matmul("btf,fd->btd", h, w2, cfg)
     return nn.Dropout(cfg.ffn_dropout_p)(out, deterministic=deterministic)
 
 
@@ -340,7 +380,7 @@ class GPT(nn.Module):
     layer_ids = jnp.arange(cfg.n_layer)
     (h, new_cache), _ = self.layers((h, cache), rates, layer_ids, rope, cache_index, deterministic)
     h = self.norm(h)
-    logits = jnp.einsum("btd,dv->btv", h, self.output.astype(cfg.compute_dtype))
+    logits = weight_matmul("btd,dv->btv", h, self.output, cfg)
     return batch_sharded(logits.astype(jnp.float32)), new_cache
 
   def _class_embed(self, labels, deterministic):

@@ -64,6 +64,10 @@ class GPTConfig:
   # Layers per iteration of the layer scan: 1 compiles one block whatever the depth;
   # n_layer unrolls them all (faster steps for small models, longer compiles).
   scan_unroll: int = 1
+  # The dtype of the matmul weights' gradients, in which they are summed over the batch
+  # and reduced across chips: float32 (the reference's DDP reduces float32 gradients),
+  # or `dtype` (each weight cast once per step, gradients reduced in bf16).
+  grad_dtype: str = "float32"
 
   def __post_init__(self):
     problems = []
@@ -98,7 +102,7 @@ class GPTConfig:
     ):
       if not 0.0 <= getattr(self, name) < 1.0:
         problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1)")
-    for name in ("dtype", "param_dtype", "residual_dtype"):
+    for name in ("dtype", "param_dtype", "residual_dtype", "grad_dtype"):
       if getattr(self, name) not in _DTYPES:
         problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
     if self.remat not in ("none", "full", "dots"):
