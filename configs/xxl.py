@@ -12,5 +12,8 @@ def get_config():
   # NPP: patch sides 4 -> 2 -> 1, stages ending at epochs 75, 150 and 300.
   c.train.update(epochs=300, global_batch_size=256, patch_level=3, epoch_rate=0.5)
   c.optim.update(lr=1e-4, end_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0)
+  # The train state (params and Adam moments, float32: 12 bytes a parameter) is split over
+  # every chip (FSDP), so it fits chips that cannot hold it whole (checked with aot).
+  c.mesh.update(data=1, fsdp=-1)
   c.sample.cfg_scale = 1.65  # the paper's FID setting for GPT-XXL
   return c

@@ -34,6 +34,14 @@ from ml_collections import config_flags
 # a CPU machine has none). Set before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several checks may run at once
+# libtpu otherwise probes this machine as a TPU host (metadata server, worker names) and
+# prints warnings when it is not one; the abstract topology needs none of that.
+for _key, _value in (
+  ("TPU_SKIP_MDS_QUERY", "1"),
+  ("TPU_WORKER_HOSTNAMES", "localhost"),
+  ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+):
+  os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
 
@@ -193,7 +201,7 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
   if cost.unknown_trip_counts:
     row["loops_with_unknown_trip_count"] = cost.unknown_trip_counts
   row["collectives"] = cost.collective_summary()
-  row["collectives_in_loops"] = sum(c.count for c in cost.collectives if c.in_loop)
+  row["collectives_in_loops"] = sum(col.count for col in cost.collectives if col.in_loop)
   row |= _compiler_estimate(compiled)
   if chip is not None:
     work, comm = cost.roofline_seconds(
@@ -268,17 +276,27 @@ def fit_stage(c, devices, side: int, limit: int) -> dict[str, Any]:
     p = programs.TrainPrograms(trial, mesh, None)
     return programs.fits(p.lower_step(side).compile(), limit)
 
-  best, batch = 0, dp
-  while batch <= 64 * c.train.global_batch_size and fits_at(batch):
-    best, batch = batch, batch * 2
-  lo, hi = best, batch  # best fits, batch does not (or the cap)
-  while best and hi - lo > dp:
+  # From the recipe's batch: doubled while it fits (up to 4x), else halved until it does;
+  # then bisected between the last fit and the first failure, in multiples of dp.
+  recipe = c.train.global_batch_size
+  if fits_at(recipe):
+    lo, hi = recipe, None
+    while lo < 4 * recipe and fits_at(2 * lo):
+      lo *= 2
+    hi = 2 * lo if lo < 4 * recipe else None
+  else:
+    lo, hi = recipe // 2 // dp * dp, recipe
+    while lo >= dp and not fits_at(lo):
+      lo, hi = lo // 2 // dp * dp, lo
+  while lo >= dp and hi is not None and hi - lo > dp:
     mid = (lo + hi) // 2 // dp * dp
     if mid in (lo, hi):
       break
     lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
+  lo = max(lo, 0)
   out: dict[str, Any] = {"program": "fit", "patch_side": side, "max_global_batch": lo}
-  recipe = c.train.global_batch_size
+  if hi is None:
+    out["max_global_batch_searched_up_to"] = lo
   if lo >= recipe:
     out["recipe_batch_fits"] = True
     return out

@@ -47,20 +47,20 @@ CHIPS: tuple[tuple[str, Chip], ...] = (
 )
 # Kept for callers of the peak table alone.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = tuple(
-  (kind, chip.peak_bf16_tflops) for kind, chip in CHIPS
+  (kind, spec.peak_bf16_tflops) for kind, spec in CHIPS
 )
 
 
 def chip(device: Any = None) -> Chip | None:
   """The data sheet of `device` (default: the first device), or None if unknown."""
   kind = getattr(device or jax.devices()[0], "device_kind", "")
-  return next((c for name, c in CHIPS if name.lower() in kind.lower()), None)
+  return next((spec for name, spec in CHIPS if name.lower() in kind.lower()), None)
 
 
 def peak_flops(device: Any = None) -> float | None:
   """Dense bf16 peak FLOP/s of one `device` (default: the first), or None if unknown."""
-  c = chip(device)
-  return None if c is None else c.peak_bf16_tflops * 1e12
+  spec = chip(device)
+  return None if spec is None else spec.peak_bf16_tflops * 1e12
 
 
 def memory_bytes(device: Any = None) -> int | None:
@@ -73,8 +73,8 @@ def memory_bytes(device: Any = None) -> int | None:
     stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  c = chip(device)
-  return None if c is None else int(c.hbm_gib * GIB)
+  spec = chip(device)
+  return None if spec is None else int(spec.hbm_gib * GIB)
 
 
 def mfu(flops_per_sec: float, num_devices: int | None = None, device: Any = None) -> float | None:

@@ -196,11 +196,11 @@ class ProgramCost:
   def collective_summary(self) -> dict[str, dict]:
     """{kind: {count, bytes, dtypes}} over every execution."""
     out: dict[str, dict] = {}
-    for c in self.collectives:
-      row = out.setdefault(c.kind, {"count": 0, "bytes": 0, "dtypes": []})
-      row["count"] += c.count
-      row["bytes"] += c.bytes * c.count
-      row["dtypes"] = sorted(set(row["dtypes"]) | set(c.dtypes))
+    for col in self.collectives:
+      row = out.setdefault(col.kind, {"count": 0, "bytes": 0, "dtypes": []})
+      row["count"] += col.count
+      row["bytes"] += col.bytes * col.count
+      row["dtypes"] = sorted(set(row["dtypes"]) | set(col.dtypes))
     return out
 
   def roofline_seconds(self, peak_flops: float, hbm_bytes_per_s: float, link_bytes_per_s: float):
@@ -208,22 +208,22 @@ class ProgramCost:
     longer of its matmul FLOPs at peak and its bytes at HBM bandwidth; each collective
     moves its ring traffic over the chip's links, not overlapped with compute."""
     work = sum(n * max(f / peak_flops, b / hbm_bytes_per_s) for f, b, n in self.ops)
-    comm = sum(c.count * _ring_bytes(c) / link_bytes_per_s for c in self.collectives)
+    comm = sum(col.count * _ring_bytes(col) / link_bytes_per_s for col in self.collectives)
     return work, comm
 
 
-def _ring_bytes(c: Collective) -> float:
+def _ring_bytes(col: Collective) -> float:
   """Bytes one chip sends for a collective over `group` chips (ring algorithms)."""
-  if c.group <= 1:
+  if col.group <= 1:
     return 0.0
-  share = (c.group - 1) / c.group
-  if c.kind == "all-reduce":
-    return 2 * share * c.bytes
-  if c.kind == "reduce-scatter":
-    return share * c.bytes * c.group  # its output is 1/group of what it reduces
-  if c.kind in ("all-gather", "all-to-all"):
-    return share * c.bytes
-  return float(c.bytes)  # collective-permute, send/recv, broadcast
+  share = (col.group - 1) / col.group
+  if col.kind == "all-reduce":
+    return 2 * share * col.bytes
+  if col.kind == "reduce-scatter":
+    return share * col.bytes * col.group  # its output is 1/group of what it reduces
+  if col.kind in ("all-gather", "all-to-all"):
+    return share * col.bytes
+  return float(col.bytes)  # collective-permute, send/recv, broadcast
 
 
 def _arrays(shape: str) -> list[tuple[str, list[int]]]:

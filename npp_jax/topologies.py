@@ -34,24 +34,24 @@ def is_gpu(name: str) -> bool:
 def gpu_target_config(chip_key: str) -> str:
   """The compile-only target description (XLA's GpuTargetConfigProto, text format) of an
   NVIDIA chip, written from the hardware table."""
-  c = next(chip for name, chip in hardware.CHIPS if name == chip_key)
+  spec = next(chip for name, chip in hardware.CHIPS if name == chip_key)
   p = _GPU_PROPERTIES[chip_key]
-  mem = int(c.hbm_gib * hardware.GIB)
-  major, minor = c.compute_capability
+  mem = int(spec.hbm_gib * hardware.GIB)
+  major, minor = spec.compute_capability
   return f"""gpu_device_info {{
   threads_per_block_limit: 1024
   threads_per_warp: 32
   shared_memory_per_block: 49152
   shared_memory_per_core: {p["smem_core"]}
   threads_per_core_limit: 2048
-  core_count: {c.sm_count}
+  core_count: {spec.sm_count}
   fpus_per_core: 128
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
-  memory_bandwidth: {int(c.hbm_gb_per_s * 1e9)}
+  memory_bandwidth: {int(spec.hbm_gb_per_s * 1e9)}
   l2_cache_size: {p["l2"]}
-  clock_rate_ghz: {c.clock_ghz}
+  clock_rate_ghz: {spec.clock_ghz}
   device_memory_size: {mem}
   shared_memory_per_block_optin: {p["smem_optin"]}
   cuda_compute_capability {{ major: {major} minor: {minor} }}
@@ -60,7 +60,7 @@ def gpu_target_config(chip_key: str) -> str:
 }}
 platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
-device_description_str: "NVIDIA {chip_key} {c.hbm_gib:.0f}GiB (compile-only)"
+device_description_str: "NVIDIA {chip_key} {spec.hbm_gib:.0f}GiB (compile-only)"
 """
 
 

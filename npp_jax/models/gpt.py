@@ -291,7 +291,8 @@ def _remat(cls, policy: str):
   if policy == "none":
     return cls
   pol = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return nn.remat(cls, policy=pol, prevent_cse=False)
+  # `deterministic` (argument 6, counting self) stays a Python bool: dropout branches on it.
+  return nn.remat(cls, policy=pol, prevent_cse=False, static_argnums=(6,))
 
 
 # The parameters that only ever enter matmuls, which the modules cast to `cfg.dtype` at use.
