@@ -124,11 +124,13 @@ class Trainer:
 
   # -- compiled steps ---------------------------------------------------------
   def compile_stages(self, first_stage: int = 0) -> None:
-    """Compiles the step of every stage from `first_stage` on, before any step runs, and
-    refuses (ProgramTooLargeError, one line naming overrides that fit) a stage whose
-    program exceeds the device's memory."""
+    """Compiles the step of every stage from `first_stage` to the last this run reaches
+    (`train.max_steps` may end it early), before any step runs, and refuses
+    (ProgramTooLargeError, one line naming overrides that fit) a stage whose program
+    exceeds the device's memory."""
     limit = programs.memory_limit(self.c, self.mesh.devices.flat[0])
-    for side in self.plan.patch_sides[first_stage:]:
+    last = self.plan.stage(max(0, self.plan.total_steps - 1))
+    for side in self.plan.patch_sides[first_stage : max(first_stage, last) + 1]:
       if side in self._compiled:
         continue
       t0, hits = time.perf_counter(), compile_cache.hits()
