@@ -83,6 +83,7 @@ class Program:
   global_batch: int
   model_flops: float  # per execution, all chips
   info: dict = dataclasses.field(default_factory=dict)
+  mesh: Any = None  # when the job lays its devices out otherwise (sampling)
 
 
 def train_programs(c, mesh) -> list[Program]:
@@ -120,6 +121,7 @@ def sample_program(c, mesh) -> Program:
     top_k=s.top_k,
     top_p=s.top_p,
   )
+  mesh = sampling.sampling_mesh(c.mesh.to_dict(), cfg, mesh.devices.flat)
   rows = s.batch_size * (2 if s.cfg_scale > 1.0 else 1)
   flops = sum(gpt_flops.decode_step_flops(cfg, rows) for _ in range(cfg.seq_len))
   info = {"cfg_scale": s.cfg_scale, "precision": s.precision, "token_steps": cfg.seq_len}
@@ -129,6 +131,7 @@ def sample_program(c, mesh) -> Program:
     s.batch_size,
     flops,
     info,
+    mesh,
   )
 
 
@@ -176,6 +179,7 @@ def job_programs(c, mesh, which) -> list[Program]:
 
 def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
   """Compiles `prog` and reads its memory, cost, collectives and a roofline time."""
+  mesh = prog.mesh or mesh
   device = mesh.devices.flat[0]
   chip = hardware.chip(device)
   t0 = time.perf_counter()

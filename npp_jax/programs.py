@@ -275,7 +275,6 @@ def first_fitting(
   limit: int,
   num_records: int | None,
   candidates=FIT_CANDIDATES,
-  compile_fn=None,
 ) -> tuple[dict[str, Any], Any] | None:
   """(overrides, compiled) of the first candidate whose stage `patch_side` fits in `limit`
   bytes per chip, compiling each in turn; None when none does."""
@@ -299,16 +298,12 @@ def first_fitting(
     overrides = changed
     try:
       mesh = sharding.make_mesh(trial.mesh.to_dict(), devices)
-      compiled = (compile_fn or _compile)(TrainPrograms(trial, mesh, num_records), patch_side)
+      compiled = TrainPrograms(trial, mesh, num_records).lower_step(patch_side).compile()
     except ValueError:
       continue  # e.g. an accumulation that does not divide the per-device batch
     if fits(compiled, limit):
       return overrides, compiled
   return None
-
-
-def _compile(p: TrainPrograms, patch_side: int) -> Any:
-  return p.lower_step(patch_side).compile()
 
 
 def check_fits(

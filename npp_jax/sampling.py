@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from npp_jax import sharding
+from npp_jax import hardware, sharding
 from npp_jax.models.gpt import (
   GPT,
   GPTConfig,
@@ -169,6 +169,21 @@ def _generate(
 
   tokens, _, _ = jax.lax.fori_loop(1, n, body, (tokens, first, cache))
   return tokens
+
+
+def sampling_mesh(spec: dict, model_config: GPTConfig, devices=None) -> Mesh:
+  """The mesh to sample on. When the weights and their compute-dtype copy take at most
+  half of a chip's memory, every device is data-parallel: the decode loop then
+  exchanges nothing, where FSDP would all-gather every layer at every token step. Larger
+  models (or devices of unknown memory, CPUs) use `spec`, the config's mesh, whose fsdp
+  and tensor axes split the weights."""
+  devices = list(devices if devices is not None else jax.devices())
+  memory = hardware.memory_bytes(devices[0])
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_params(model_config))))
+  per_param = model_config.storage_dtype.itemsize + model_config.compute_dtype.itemsize
+  if memory is not None and n * per_param <= memory / 2:
+    spec = {"data": -1, "fsdp": 1, "tensor": 1}
+  return sharding.make_mesh(spec, devices)
 
 
 def param_sharding(model_config: GPTConfig, mesh: Mesh) -> Any:

@@ -175,6 +175,24 @@ def test_3b_samples_on_v5e_4x4():
   assert mem["argument"] < 2 * hardware.GIB  # params split 16 ways, not whole on a chip
 
 
+def test_sampling_mesh_is_data_parallel_when_the_weights_fit_a_chip_easily():
+  """GPT-XL's weights (4.6 GB with their bf16 copy) on 80 GB H100s: data-parallel, not the
+  recipe's FSDP (which all-gathers every layer at every token step); GPT-3B's (18.6 GB)
+  on 16 GiB v5e chips (more than half of one): the recipe's FSDP mesh."""
+  xl = config_lib.get_config("XL")
+  xl.mesh.update(data=1, fsdp=-1)
+  mesh = sampling.sampling_mesh(
+    xl.mesh.to_dict(), config_lib.sampling_gpt_config(xl), _devices("h100:8")
+  )
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  big = config_lib.get_config("3B")
+  big.mesh.update(data=1, fsdp=-1)
+  mesh = sampling.sampling_mesh(
+    big.mesh.to_dict(), config_lib.sampling_gpt_config(big), _devices("v5e:4x4")
+  )
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 1}
+
+
 def test_gpu_compile_only_h100():
   """8 compile-only H100s: the tiny train step compiles, memory is reported, gradients
   cross GPUs in float32."""

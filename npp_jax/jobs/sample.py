@@ -59,7 +59,7 @@ def load_sampling_params(
   file's path, size and modification time.
   """
   source = c.sample.checkpoint
-  mesh = mesh or sharding.make_mesh(c.mesh.to_dict())
+  mesh = mesh or sampling.sampling_mesh(c.mesh.to_dict(), cfg)
   directory = storage.join(storage.absolute(workdir), "checkpoints")
   if not source and c.train.init_from and not _has_steps(directory):
     source = c.train.init_from  # a converted release (or a .pt file) and no training yet
@@ -201,7 +201,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Writes the PNG grid and the `.npz` of `sample.num_images` images; returns their paths."""
   cfg = config_lib.sampling_gpt_config(c)
   s = c.sample
-  mesh = sharding.make_mesh(c.mesh.to_dict())
+  mesh = sampling.sampling_mesh(c.mesh.to_dict(), cfg)
   dp = sharding.data_parallel_size(mesh)
   check_request(c, dp)
   decode = tokenizers.decoder(c)
