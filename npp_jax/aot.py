@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 # Compile-only: no backend but the CPU is started (a TPU VM's chips may be busy training;
 # a CPU machine has none). Set before JAX initialises its backends.
@@ -62,16 +61,18 @@ from npp_jax.models import gpt_flops  # noqa: E402
 PROGRAMS = ("train", "eval", "sample", "extract", "inception")
 log = logging.getLogger("npp_jax.aot")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string(
-  "topology", None, "TPU slice (v5e:4x4, v5p:4x4x4, ...) or GPUs (h100:8, h200:8, a100:8)."
-)
-_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {PROGRAMS}.")
-_FIT = flags.DEFINE_bool("fit", False, "Search batches and overrides that fit each stage.")
-_REQUIRE_FIT = flags.DEFINE_bool(
-  "require_fit", False, "Exit with status 3 when a program does not fit its chips."
-)
-flags.mark_flags_as_required(["config", "topology"])
+
+def _define_flags() -> None:
+  cli.define_config_flags(None)
+  flags.DEFINE_string(
+    "topology", None, "TPU slice (v5e:4x4, v5p:4x4x4, ...) or GPUs (h100:8, h200:8, a100:8)."
+  )
+  flags.mark_flag_as_required("topology")
+  flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {PROGRAMS}.")
+  flags.DEFINE_bool("fit", False, "Search batches and overrides that fit each stage.")
+  flags.DEFINE_bool(
+    "require_fit", False, "Exit with status 3 when a program does not fit its chips."
+  )
 
 
 @dataclasses.dataclass
@@ -349,30 +350,31 @@ def table(rows: list[dict]) -> str:
 
 def main(argv) -> None:
   del argv
-  c = _CONFIG.value
-  which = [p.strip() for p in _PROGRAMS.value if p.strip()]
+  fv = flags.FLAGS
+  c, topology = fv.config, fv.topology
+  which = [p.strip() for p in fv.programs if p.strip()]
   unknown = sorted(set(which) - set(PROGRAMS))
   if unknown:
     raise ValueError(f"--programs: unknown {unknown}; choose from {PROGRAMS}.")
-  devices = topologies.devices(_TOPOLOGY.value)
+  devices = topologies.devices(topology)
   mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
   log.info(
     "compiling for %s: %d chips (%s), mesh %s",
-    _TOPOLOGY.value,
+    topology,
     len(devices),
     devices[0].device_kind,
     dict(mesh.shape),
   )
   rows = []
   for prog in job_programs(c, mesh, which):
-    row = analyse(prog, _TOPOLOGY.value, mesh)
+    row = analyse(prog, topology, mesh)
     print(json.dumps(row), flush=True)
     rows.append(row)
   sched = schedule_estimate(rows)
   if sched:
     print(json.dumps(sched), flush=True)
     rows.append(sched)
-  if _FIT.value:
+  if fv.fit:
     limit = programs.memory_limit(c, devices[0])
     for side in programs.plan_run(c, len(devices), None).patch_sides:
       row = fit_stage(c, devices, side, limit)
@@ -380,14 +382,15 @@ def main(argv) -> None:
       rows.append(row)
   print(table(rows), file=sys.stderr)
   too_big = [r for r in rows if r.get("fits") is False]
-  if _REQUIRE_FIT.value and too_big:
+  if fv.require_fit and too_big:
     names = ", ".join(f"{r['program']} (patch side {r.get('patch_side', '-')})" for r in too_big)
-    print(f"error: does not fit {_TOPOLOGY.value}: {names}; see --fit", file=sys.stderr)
+    print(f"error: does not fit {topology}: {names}; see --fit", file=sys.stderr)
     sys.exit(3)
 
 
 def run():
   """Console entry point (`npp-jax-aot`)."""
+  _define_flags()
   cli.run(main)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from npp_jax import checkpoint, config_lib
 
@@ -32,6 +33,20 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+def define_config_flags(workdir_help: str | None) -> None:
+  """A required --config (locked) and, given `workdir_help`, a required --workdir.
+
+  Called by an entry point's run(), never at import: a module with a command line is also a
+  library (tests and notebooks import several into one process) and absl refuses a flag
+  defined twice.
+  """
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.mark_flag_as_required("config")
+  if workdir_help is not None:
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flag_as_required("workdir")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

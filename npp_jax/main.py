@@ -9,16 +9,9 @@ import os
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from npp_jax import cli, compile_cache, config_lib, storage
 from npp_jax.jobs import evaluate, extract, sample, train
-
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file (configs/*.py).", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}
 log = logging.getLogger("npp_jax.main")
@@ -26,14 +19,14 @@ log = logging.getLogger("npp_jax.main")
 
 def main(argv):
   del argv
-  c = _CONFIG.value
+  c = flags.FLAGS.config
   try:
     config_lib.check_mode(c)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if os.environ.get("NPP_DISTRIBUTED") == "1" or c.distributed:
     jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
-  workdir = storage.absolute(_WORKDIR.value)  # local -> absolute; gs://... as given
+  workdir = storage.absolute(flags.FLAGS.workdir)  # local -> absolute; gs://... as given
   storage.makedirs(workdir)
   compile_cache.enable(c.compile_cache, workdir)
   log.info(
@@ -53,6 +46,7 @@ def main(argv):
 
 def run():
   """Console entry point (`npp-jax`)."""
+  cli.define_config_flags("Directory for checkpoints, metrics, outputs.")
   cli.run(main)
 
 

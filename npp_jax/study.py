@@ -15,13 +15,10 @@ import logging
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from npp_jax import cli, config_lib, storage
 from npp_jax.jobs import evaluate, sample, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the study.")
 log = logging.getLogger("npp_jax.study")
 
 SCHEDULE_NAMES = {1: "NTP", 2: "NPP-2", 3: "NPP-3", 4: "NPP-4"}
@@ -170,16 +167,16 @@ def run_study(c, root: str) -> dict:
 
 def main(argv):
   del argv
-  c = _CONFIG.value
+  c = flags.FLAGS.config
   config_lib.check_study(c)
-  root = storage.absolute(_WORKDIR.value)
+  root = storage.absolute(flags.FLAGS.workdir)
   storage.makedirs(root)
   run_study(c, root)
 
 
 def run():
   """Console entry point (`npp-jax-study`)."""
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_flags("Directory of the study.")
   cli.run(main)
 
 

@@ -58,3 +58,21 @@ def test_core_install_is_cpu_jax_and_accelerators_are_extras():
     in (ROOT / "launch" / "tpu_pod.sh").read_text()
   )
   assert 'install EXTRAS="${NPP_EXTRAS:-cuda}"' in (ROOT / "launch" / "slurm_gpu.sh").read_text()
+
+
+def test_every_command_module_imports_beside_the_others():
+  """Tests and notebooks import command modules as libraries, several in one process: none
+  may define absl flags at import (absl refuses a flag defined twice; this broke CI when
+  the study and aot tests shared a worker)."""
+  import subprocess
+  import sys
+
+  commands = sorted(p.stem for p in (ROOT / "npp_jax").glob("*.py") if "def run(" in p.read_text())
+  assert {"aot", "main", "study"} <= set(commands)  # positive control: the entry modules
+  script = "; ".join(f"import npp_jax.{name}" for name in commands)
+  script += "; from absl import flags; print(sorted(flags.FLAGS))"
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=False
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "'config'" not in out.stdout and "'topology'" not in out.stdout
