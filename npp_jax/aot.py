@@ -183,16 +183,26 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
   mesh = prog.mesh or mesh
   device = mesh.devices.flat[0]
   chip = hardware.chip(device)
-  t0 = time.perf_counter()
-  compiled = prog.lower().compile()
-  seconds = time.perf_counter() - t0
   row: dict[str, Any] = {"program": prog.program, **prog.info, "topology": topology}
   row |= {"chips": mesh.size, "mesh": dict(mesh.shape), "global_batch": prog.global_batch}
-  mem = programs.memory_per_chip(compiled)
   hbm = None if chip is None else chip.hbm_gib
+  row["hbm_gib"] = None if hbm is None else round(hbm, 1)
+  t0 = time.perf_counter()
+  try:
+    compiled = programs.compile_program(prog.lower())
+  except programs.CompilerOutOfMemoryError as e:
+    # libtpu refuses what does not fit instead of returning it: a row that does not fit,
+    # with the size the compiler asked for (temporaries, or all it counted).
+    gib = lambda n: None if n is None else round(n / hardware.GIB, 3)
+    row |= {"fits": False, "compiler_refused": str(e), "compiler_required_gib": gib(e.required)}
+    row |= {"compiler_available_gib": gib(e.available), "flops_per_chip": None}
+    row["model_flops_per_chip"] = prog.model_flops / mesh.size if prog.model_flops else None
+    row["compile_sec"] = round(time.perf_counter() - t0, 1)
+    return row
+  seconds = time.perf_counter() - t0
+  mem = programs.memory_per_chip(compiled)
   if mem is not None:
     row["memory_per_chip_gib"] = {k: round(v / hardware.GIB, 3) for k, v in mem.items()}
-  row["hbm_gib"] = None if hbm is None else round(hbm, 1)
   row["fits"] = (
     None
     if mem is None or hbm is None
@@ -249,10 +259,10 @@ def _compiler_estimate(compiled) -> dict[str, Any]:
 def schedule_estimate(rows: list[dict]) -> dict[str, Any] | None:
   """The whole NPP schedule's estimated wall clock over next-token training's for the same
   epochs (all at the token stage), beside the model-FLOP ratio."""
-  train = [r for r in rows if r["program"] == "train" and "est_step_ms" in r]
+  train = [r for r in rows if r["program"] == "train"]
   token = next((r for r in train if r["patch_side"] == 1), None)
-  if not train or token is None:
-    return None
+  if not train or token is None or any("est_step_ms" not in r for r in train):
+    return None  # a stage was not compiled or not estimated: no honest ratio
   epochs = sum(r["stage_epochs"] for r in train)
   npp_time = sum(r["stage_epochs"] * r["est_step_ms"] for r in train)
   npp_flops = sum(r["stage_epochs"] * r["model_flops_per_chip"] for r in train)
@@ -279,7 +289,7 @@ def fit_stage(c, devices, side: int, limit: int) -> dict[str, Any]:
       c, {"train.global_batch_size": batch, "train.grad_accum_steps": 1}
     )
     p = programs.TrainPrograms(trial, mesh, None)
-    return programs.fits(p.lower_step(side).compile(), limit)
+    return programs.compiles_within(p.lower_step(side), limit) is not None
 
   # From the recipe's batch: doubled while it fits (up to 4x), else halved until it does;
   # then bisected between the last fit and the first failure, in multiples of dp.
@@ -323,14 +333,18 @@ def table(rows: list[dict]) -> str:
     if r["program"] in ("schedule", "fit"):
       continue
     mem = r.get("memory_per_chip_gib", {}).get("total")
+    if mem is None and r.get("compiler_required_gib") is not None:
+      mem = f">{r['compiler_required_gib']:.2f}"  # refused by the compiler
+    elif mem is not None:
+      mem = f"{mem:.2f}"
     cells = (
       r["program"],
       r.get("patch_side", ""),
       r["global_batch"],
-      "?" if mem is None else f"{mem:.2f}",
+      "?" if mem is None else mem,
       r.get("hbm_gib") or "?",
       {True: "yes", False: "NO", None: "?"}[r["fits"]],
-      f"{r['flops_per_chip'] / 1e12:.2f}",
+      "?" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.2f}",
       "" if not r.get("model_flops_per_chip") else f"{r['model_flops_per_chip'] / 1e12:.2f}",
       r.get("est_step_ms", "?"),
       "" if "est_mfu" not in r else f"{r['est_mfu']:.1%}",

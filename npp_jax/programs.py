@@ -9,6 +9,7 @@ compile-only devices of a named topology, so what is checked is what runs.
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
@@ -197,6 +198,47 @@ class ProgramTooLargeError(ValueError):
   """A compiled program needs more memory than the device has."""
 
 
+class CompilerOutOfMemoryError(ValueError):
+  """The compiler refused a program for memory (libtpu does, over a chip's HBM, where the
+  GPU compiler returns the program); sizes in bytes, None where the message names none."""
+
+  def __init__(self, message: str, required: int | None, available: int | None):
+    super().__init__(message)
+    self.required, self.available = required, available
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = r"([\d.]+)([KMGT]?)i?B?"
+# libtpu's wordings: "the total memory required for HLO temporaries (18.80G) exceeds
+# available HBM (15.75G)" and "Used 20.50G of 15.48G hbm".
+_OOM_PATTERNS = (
+  re.compile(rf"required[^(]*\({_SIZE}\)[^(]*available[^(]*\({_SIZE}\)"),
+  re.compile(rf"Used {_SIZE} of {_SIZE}"),
+)
+
+
+def _bytes(number: str, unit: str) -> int:
+  return int(float(number) * _UNITS[unit])
+
+
+def compile_program(lowered: jax.stages.Lowered) -> Any:
+  """`lowered.compile()`, with the compiler's out-of-memory refusal as
+  CompilerOutOfMemoryError (one line, the sizes it names)."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+      raise
+    line = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
+    for pattern in _OOM_PATTERNS:
+      m = pattern.search(text)
+      if m:
+        n = m.groups()
+        raise CompilerOutOfMemoryError(line, _bytes(*n[:2]), _bytes(*n[2:])) from None
+    raise CompilerOutOfMemoryError(line, None, None) from None
+
+
 def memory_per_chip(compiled: Any) -> dict[str, int] | None:
   """Bytes one chip needs for a compiled program: arguments, outputs (less what aliases
   donated arguments), temporaries and code; None where the backend does not say."""
@@ -228,6 +270,16 @@ def memory_limit(c: ml_collections.ConfigDict, device: Any) -> int | None:
 def fits(compiled: Any, limit: int | None) -> bool:
   mem = memory_per_chip(compiled)
   return limit is None or mem is None or mem["total"] <= limit
+
+
+def compiles_within(lowered: jax.stages.Lowered, limit: int | None) -> Any:
+  """The compiled program when the compiler accepts it and it fits in `limit` bytes per
+  chip, else None."""
+  try:
+    compiled = compile_program(lowered)
+  except CompilerOutOfMemoryError:
+    return None
+  return compiled if fits(compiled, limit) else None
 
 
 # Ways to make a stage fit, cheapest first: sharding the state over the data axis costs
@@ -298,10 +350,11 @@ def first_fitting(
     overrides = changed
     try:
       mesh = sharding.make_mesh(trial.mesh.to_dict(), devices)
-      compiled = TrainPrograms(trial, mesh, num_records).lower_step(patch_side).compile()
+      lowered = TrainPrograms(trial, mesh, num_records).lower_step(patch_side)
     except ValueError:
       continue  # e.g. an accumulation that does not divide the per-device batch
-    if fits(compiled, limit):
+    compiled = compiles_within(lowered, limit)
+    if compiled is not None:
       return overrides, compiled
   return None
 
@@ -319,15 +372,34 @@ def check_fits(
   mem = memory_per_chip(compiled)
   if limit is None or mem is None or mem["total"] <= limit:
     return
+  raise stage_too_large(mem["total"], limit, c, mesh, patch_side, num_records)
+
+
+def stage_too_large(
+  needed: int | None,
+  limit: int | None,
+  c: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  patch_side: int,
+  num_records: int | None,
+) -> ProgramTooLargeError:
+  """The one-line refusal of stage `patch_side` (`needed` bytes per chip against `limit`),
+  naming the cheapest overrides found to fit (compile-only)."""
+  gib = lambda n: "?" if n is None else f"{n / hardware.GIB:.2f}"
   found = first_fitting(c, mesh.devices.flat, patch_side, limit, num_records)
   fix = (
-    f"{overrides_text(found[0])} fits ({memory_per_chip(found[1])['total'] / hardware.GIB:.2f} GiB)"
+    f"{overrides_text(found[0])} fits ({gib(total_memory(found[1]))} GiB)"
     if found
     else "no single override found fits: lower train.global_batch_size or use more chips"
   )
-  raise ProgramTooLargeError(
-    f"the train step of patch side {patch_side} needs {mem['total'] / hardware.GIB:.2f} GiB per "
-    f"chip but {mesh.devices.flat[0].device_kind} allows {limit / hardware.GIB:.2f} GiB "
+  return ProgramTooLargeError(
+    f"the train step of patch side {patch_side} needs {gib(needed)} GiB per "
+    f"chip but {mesh.devices.flat[0].device_kind} allows {gib(limit)} GiB "
     f"(global batch {c.train.global_batch_size}, mesh {dict(mesh.shape)}): {fix}; "
     "`python -m npp_jax.aot --fit` plans every stage."
   )
+
+
+def total_memory(compiled: Any) -> int | None:
+  mem = memory_per_chip(compiled)
+  return None if mem is None else mem["total"]

@@ -238,3 +238,85 @@ def test_trainer_refuses_a_stage_that_does_not_fit(tmp_path):
   assert not (tmp_path / "wd" / "checkpoints").exists() or not any(
     d.isdigit() for d in os.listdir(tmp_path / "wd" / "checkpoints")
   )
+
+
+def test_a_program_libtpu_refuses_for_memory_is_a_row_that_does_not_fit():
+  """libtpu fails the compile of a program over the chip's HBM (the tiny model at batch
+  65,536 on v5e:2x2 asks 18.8 GiB of temporaries) instead of returning one: that becomes
+  CompilerOutOfMemoryError with the sizes it names, and aot writes a row that does not fit
+  (and no schedule ratio over the stages it could not estimate) instead of stopping."""
+  from npp_jax import aot  # noqa: PLC0415
+
+  devices = _devices("v5e:2x2")
+  c = tiny(**{"train.global_batch_size": 65536, "train.patch_level": 1})
+  mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
+  with pytest.raises(programs.CompilerOutOfMemoryError) as e:
+    programs.compile_program(programs.TrainPrograms(c, mesh, None).lower_step(1))
+  assert e.value.required > e.value.available > 15 * hardware.GIB, str(e.value)
+  assert "\n" not in str(e.value)
+  [prog] = aot.train_programs(c, mesh)
+  row = aot.analyse(prog, "v5e:2x2", mesh)
+  assert row["fits"] is False and row["hbm_gib"] == 16.0
+  assert row["compiler_required_gib"] == pytest.approx(e.value.required / hardware.GIB, rel=1e-3)
+  assert aot.schedule_estimate([row]) is None
+  assert ">18." in aot.table([row]) and "NO" in aot.table([row])
+
+
+@pytest.mark.parametrize(
+  ("message", "required", "available"),
+  [
+    (
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (18.80G) exceeds available HBM (15.75G).",
+      18.80,
+      15.75,
+    ),
+    (
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Used 20.50G of 15.48G hbm.",
+      20.5,
+      15.48,
+    ),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.", None, None),
+  ],
+)
+def test_compiler_out_of_memory_wordings(message, required, available):
+  class Lowered:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message + "\nmore detail")
+
+  with pytest.raises(programs.CompilerOutOfMemoryError) as e:
+    programs.compile_program(Lowered())
+  gib = lambda n: None if n is None else round(n / hardware.GIB, 2)
+  assert (gib(e.value.required), gib(e.value.available)) == (required, available)
+  assert str(e.value) == message
+
+
+def test_fit_finds_the_largest_batch_and_an_override_that_fits():
+  """`--fit` on v5e:2x2 with a memory limit between the data-parallel and the FSDP step:
+  the largest batch found fits and the next multiple of the data-parallel size does not
+  (the search is exact), and the recipe's batch is made to fit by FSDP over the data axis."""
+  from npp_jax import aot  # noqa: PLC0415
+
+  devices = _devices("v5e:2x2")
+  # Wide enough that the optimizer state, which FSDP divides, outweighs the activations.
+  wide = {"model.dim": 512, "model.n_head": 8, "model.vocab_size": 4096}
+  c = tiny(**wide, **{"model.preset": config_lib.CUSTOM, "train.patch_level": 1})
+  c.train.global_batch_size = 64
+
+  def need(cfg):
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
+    lowered = programs.TrainPrograms(cfg, mesh, None).lower_step(1)
+    return programs.memory_per_chip(lowered.compile())["total"]
+
+  fsdp = programs.with_overrides(c, {"mesh.fsdp": -1, "mesh.data": 1})
+  full, sharded = need(c), need(fsdp)
+  assert sharded < full
+  limit = (full + sharded) // 2
+  row = aot.fit_stage(c, devices, 1, limit)
+  assert row["recipe_batch_fits"] is False
+  assert row["overrides"] == "--config.mesh.fsdp=-1 --config.mesh.data=1"
+  assert row["memory_per_chip_gib"] * hardware.GIB <= limit
+  best = row["max_global_batch"]
+  assert 4 <= best < 64 and best % 4 == 0
+  at = lambda b: need(programs.with_overrides(c, {"train.global_batch_size": b}))
+  assert at(best) <= limit < at(best + 4)

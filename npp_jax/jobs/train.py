@@ -134,7 +134,12 @@ class Trainer:
       if side in self._compiled:
         continue
       t0, hits = time.perf_counter(), compile_cache.hits()
-      compiled = self.programs.lower_step(side).compile()
+      try:
+        compiled = programs.compile_program(self.programs.lower_step(side))
+      except programs.CompilerOutOfMemoryError as e:
+        raise programs.stage_too_large(
+          e.required, limit or e.available, self.c, self.mesh, side, self.info.num_records
+        ) from None
       seconds, cached = time.perf_counter() - t0, compile_cache.hits() > hits
       self.compile_log.append(_log_compile(side, seconds, compiled, cached))
       programs.check_fits(compiled, limit, self.c, self.mesh, side, self.info.num_records)
