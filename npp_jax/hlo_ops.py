@@ -441,7 +441,32 @@ class _Program:
       first = outer.get(init.operands[int(index.group(1))])
       value = re.search(r"constant\((-?\d+)\)", first.line) if first is not None else None
       start = int(value.group(1)) if value else 0
-    return max(0, int(bound.group(1)) - start)
+    step = self._loop_step(inst, int(index.group(1)))
+    return max(0, -(-(int(bound.group(1)) - start) // step))
+
+  def _loop_step(self, inst: _Inst, index: int) -> int:
+    """What the body adds to the loop counter at tuple `index` each trip: 1 for a scan,
+    2 for the TPU compiler's windowed einsums (a bidirectional ring unrolled by two, which
+    counts `i += 2` up to the ring size)."""
+    body = re.search(r"body=" + _NAME, inst.line)
+    insts = self.comps.get(body.group(1), []) if body else []
+    by_name = {i.name: i for i in insts}
+    root = next((i for i in insts if i.line.startswith("ROOT ")), None)
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+      return 1
+    update = by_name.get(root.operands[index])
+    if update is None or update.opcode != "add":
+      return 1
+    step = None
+    for name in update.operands[:2]:
+      operand = by_name.get(name)
+      if operand is None:
+        continue
+      if operand.opcode == "constant":
+        step = int(re.search(r"constant\((-?\d+)\)", operand.line).group(1))
+      elif operand.opcode != "get-tuple-element" or f"index={index}" not in operand.line:
+        return 1
+    return step if step and step > 0 else 1
 
   def walk(self, comp: str, mult: int, in_loop: bool, cost: ProgramCost) -> None:
     for inst in self.comps.get(comp, []):
@@ -480,9 +505,11 @@ class _Program:
         arrays = _ARRAY.findall(_strip_layouts(inst.shape))
         size = _size(inst.shape)
         if op.endswith("-start") and len(arrays) > 1 and base != "all-reduce":
-          # An async start's tuple holds its input beside its output: count the output.
-          size = _size(f"{arrays[-1][0]}[{arrays[-1][1]}]")
-          arrays = arrays[-1:]
+          # An async start's tuple holds its input, its output and (collective-permute)
+          # scalar u32 context words: count the output, the last array with a shape.
+          shaped = [a for a in arrays if a[1].strip()] or arrays
+          size = _size(f"{shaped[-1][0]}[{shaped[-1][1]}]")
+          arrays = shaped[-1:]
         dtypes = tuple(sorted({dt for dt, _ in arrays})) or ("?",)
         cost.collectives.append(Collective(base, dtypes, size, _group(inst.line), mult, in_loop))
         continue

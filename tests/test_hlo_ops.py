@@ -147,3 +147,51 @@ def test_rmsnorm_and_rope_run_inside_fusions():
     assert {op.opcode for op in mine} == {"fusion"}, [op for op in mine if op.opcode != "fusion"]
   # On the CPU nothing at all is left outside fusions but loop-carried copies.
   assert hlo_ops.op_counts(text)["other"] == 0
+
+
+# A windowed einsum as the TPU compiler writes it: a ring of 4 chips walked in both
+# directions, unrolled by two, so the counter goes 0, 2 (`i += 2` while i < 4): two trips,
+# each a dot and a collective-permute whose async tuple ends in two u32 context words.
+WINDOWED = """HloModule windowed
+
+%cond (p: (s32[], f32[8,16], f32[16,32])) -> pred[] {
+  %p = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8,16], f32[16,32])) -> (s32[], f32[8,16], f32[16,32]) {
+  %p = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,32]{1,0} get-tuple-element(%p), index=2
+  %cps = (f32[16,32]{1,0}, f32[16,32]{1,0}, u32[], u32[]) collective-permute-start(%w), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %cpd = f32[16,32]{1,0} collective-permute-done(%cps)
+  %y = f32[8,32]{1,0} dot(%x, %cpd), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%next, %x, %cpd)
+}
+
+ENTRY %main (x: f32[8,16], w: f32[16,32]) -> f32[16,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,32]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%zero, %x, %w)
+  %loop = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %out = f32[16,32]{1,0} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_a_loop_counting_by_two_and_an_async_permute():
+  cost = hlo_ops.program_cost(WINDOWED)
+  assert cost.loops == [("loop", 2)]
+  assert cost.matmul_flops == 2 * (2 * 8 * 32 * 16)
+  assert cost.collective_summary() == {
+    "collective-permute": {"count": 2, "bytes": 2 * 16 * 32 * 4, "dtypes": ["f32"]}
+  }
+  # The counter's step changed to 1: four trips.
+  cost = hlo_ops.program_cost(WINDOWED.replace("constant(2)", "constant(1)"))
+  assert cost.loops == [("loop", 4)] and cost.matmul_flops == 4 * (2 * 8 * 32 * 16)
