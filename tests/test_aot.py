@@ -320,3 +320,20 @@ def test_fit_finds_the_largest_batch_and_an_override_that_fits():
   assert 4 <= best < 64 and best % 4 == 0
   at = lambda b: need(programs.with_overrides(c, {"train.global_batch_size": b}))
   assert at(best) <= limit < at(best + 4)
+
+
+def test_a_compiler_fault_is_a_row_not_the_end_of_the_check():
+  """XLA's GPU compiler fails GPT-3B's attention output projection (head dim 100) with
+  "Couldn't find output tile sizes": aot reports that program as an error row, goes on,
+  and --require_fit counts it as a failure."""
+  from npp_jax import aot  # noqa: PLC0415
+
+  class Lowered:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError("INTERNAL: Couldn't find output tile sizes\nhlo: ...")
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
+  row = aot.analyse(aot.Program("train", Lowered, 256, 1e12, {"patch_side": 1}), "cpu", mesh)
+  assert row["compile_error"] == "INTERNAL: Couldn't find output tile sizes"
+  assert row["fits"] is None and row["patch_side"] == 1
+  assert "ERROR" in aot.table([row])

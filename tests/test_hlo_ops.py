@@ -182,7 +182,7 @@ ENTRY %main (x: f32[8,16], w: f32[16,32]) -> f32[16,32] {
   %loop = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) while(%t), condition=%cond, body=%body
   ROOT %out = f32[16,32]{1,0} get-tuple-element(%loop), index=2
 }
-"""
+"""  # noqa: E501 (HLO lines as the compiler writes them)
 
 
 def test_a_loop_counting_by_two_and_an_async_permute():
