@@ -188,8 +188,9 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
   hbm = None if chip is None else chip.hbm_gib
   row["hbm_gib"] = None if hbm is None else round(hbm, 1)
   t0 = time.perf_counter()
+  notes: list[str] = []
   try:
-    compiled = programs.compile_program(prog.lower())
+    compiled = programs.compile_program(prog.lower(), notes)
   except programs.CompilerOutOfMemoryError as e:
     # libtpu refuses what does not fit instead of returning it: a row that does not fit,
     # with the size the compiler asked for (temporaries, or all it counted).
@@ -200,12 +201,13 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
     row["compile_sec"] = round(time.perf_counter() - t0, 1)
     return row
   except jax.errors.JaxRuntimeError as e:
-    # A compiler fault (XLA GPU's "Couldn't find output tile sizes" for GPT-3B's head dim
-    # 100) is a finding for this program, not the end of the check: one row says so.
+    # A compiler fault is a finding for this program, not the end of the check.
     row |= {"fits": None, "compile_error": str(e).splitlines()[0][:400], "flops_per_chip": None}
     row["compile_sec"] = round(time.perf_counter() - t0, 1)
     return row
   seconds = time.perf_counter() - t0
+  if notes:
+    row["compiler_options"] = notes
   mem = programs.memory_per_chip(compiled)
   if mem is not None:
     row["memory_per_chip_gib"] = {k: round(v / hardware.GIB, 3) for k, v in mem.items()}

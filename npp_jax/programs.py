@@ -9,6 +9,7 @@ compile-only devices of a named topology, so what is checked is what runs.
 
 import dataclasses
 import functools
+import logging
 import re
 from typing import Any
 
@@ -20,6 +21,8 @@ from npp_jax import config_lib, hardware, npp, sharding, train_step
 from npp_jax.data import pipeline
 from npp_jax.models import gpt_flops
 from npp_jax.models.gpt import GPTConfig
+
+log = logging.getLogger("npp_jax.programs")
 
 # Training images of ImageNet-1k: what `aot` plans for when no dataset is given.
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -221,11 +224,28 @@ def _bytes(number: str, unit: str) -> int:
   return int(float(number) * _UNITS[unit])
 
 
-def compile_program(lowered: jax.stages.Lowered) -> Any:
+# XLA's GPU compiler fails some GEMMs in its Triton tiling (GPT-3B's attention output
+# projection, 8192x3200 by 3200x3200: "Couldn't find output tile sizes ..."); with Triton
+# GEMMs off they go to cuBLAS and compile.
+TRITON_TILING_FAULT = "Couldn't find output tile sizes"
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compile_program(lowered: jax.stages.Lowered, notes: list[str] | None = None) -> Any:
   """`lowered.compile()`, with the compiler's out-of-memory refusal as
-  CompilerOutOfMemoryError (one line, the sizes it names)."""
+  CompilerOutOfMemoryError (one line, the sizes it names), and XLA GPU's Triton tiling
+  fault retried with cuBLAS GEMMs (said in `notes` and the log)."""
   try:
-    return lowered.compile()
+    try:
+      return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if TRITON_TILING_FAULT not in str(e):
+        raise
+      note = ", ".join(f"{k}={v}" for k, v in CUBLAS_GEMMS.items())
+      log.warning("XLA's Triton GEMM tiling failed; compiling with %s", note)
+      if notes is not None:
+        notes.append(note)
+      return lowered.compile(compiler_options=CUBLAS_GEMMS)
   except jax.errors.JaxRuntimeError as e:
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
