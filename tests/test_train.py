@@ -78,7 +78,7 @@ def test_sharded_step_equals_unsharded(data_dir, tmp_path):
     text = ref.lower(state, batch).as_text()
   assert text.count("sharding_constraint") >= 4 and '[{"data", "fsdp"}, {}, {}]' in text
   assert "sharding_constraint" not in ref.lower(state, batch).as_text()
-  got_state, got_m = trainer.step_fn(2, state, batch)(state, batch)
+  got_state, got_m = trainer.step(2, state, batch)
   np.testing.assert_allclose(got_m["loss"], want_m["loss"], rtol=1e-5)
   np.testing.assert_allclose(got_m["grad_norm"], want_m["grad_norm"], rtol=1e-5)
   jax.tree.map(

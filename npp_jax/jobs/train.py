@@ -151,12 +151,6 @@ class Trainer:
       self.compile_stages(self.plan.patch_sides.index(patch_side))
     return self._compiled[patch_side](state, batch)
 
-  def step_fn(self, patch_side: int, state=None, batch=None):
-    """The compiled step of one stage (compiled on first use)."""
-    if patch_side not in self._compiled:
-      self.compile_stages(self.plan.patch_sides.index(patch_side))
-    return self._compiled[patch_side]
-
   def _heldout_batches(self) -> list[dict[str, jax.Array]]:
     c = self.c
     batches = pipeline.heldout_batches(
