@@ -140,11 +140,19 @@ def test_sampled_frequencies_follow_the_model(params, temperature, top_k, top_p)
     assert len(np.unique(tokens[:, 0])) <= top_k
 
 
-def test_sharded_generation_equals_single_device(params, gpt_io):
-  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+@pytest.mark.parametrize(
+  "spec", [{"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 1, "tensor": 4}]
+)
+def test_sharded_generation_equals_single_device(params, gpt_io, spec):
+  """FSDP, and tensor parallelism (heads, MLP and vocabulary split over 4 devices, as
+  `sampling_mesh` lays out models too large for one chip), sample what one device does."""
+  mesh = sharding.make_mesh(spec)
   labels = np.array([5, 3, 9, 0, 1, 2, 7, 8])
   one = sampling.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0)
-  many = sampling.generate(params, TINY, labels, jax.random.key(1), cfg_scale=2.0, mesh=mesh)
+  laid_out = jax.device_put(params, sampling.param_sharding(TINY, mesh))
+  if spec["tensor"] > 1:
+    assert tuple(laid_out["output"].sharding.spec) == ("fsdp", "tensor")
+  many = sampling.generate(laid_out, TINY, labels, jax.random.key(1), cfg_scale=2.0, mesh=mesh)
   assert len(many.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(one), np.asarray(many))
   assert not np.array_equal(
