@@ -251,6 +251,27 @@ def test_trainer_refuses_a_stage_that_does_not_fit(tmp_path):
   )
 
 
+def test_trainer_refuses_a_stage_the_compiler_refuses_for_memory(tmp_path, monkeypatch):
+  """On a TPU the compiler itself refuses a stage over HBM: the trainer turns that into the
+  same one-line refusal, with the sizes libtpu named and an override that compiles."""
+  write_random_dataset(tmp_path / "codes")
+  c = tiny_config(tmp_path / "codes", **{"train.patch_level": 1})
+  real, calls = programs.compile_program, []
+
+  def refuse_first(lowered, notes=None):
+    calls.append(lowered)
+    if len(calls) == 1:
+      raise programs.CompilerOutOfMemoryError("Ran out of memory", 20 << 30, 15 << 30)
+    return real(lowered, notes)
+
+  monkeypatch.setattr(programs, "compile_program", refuse_first)
+  with pytest.raises(programs.ProgramTooLargeError) as e:
+    train.run(c, str(tmp_path / "wd"))
+  msg = str(e.value)
+  assert "\n" not in msg and "needs 20.00 GiB per chip but cpu allows 15.00 GiB" in msg
+  assert "--config.mesh.fsdp=-1 --config.mesh.data=1 fits" in msg and len(calls) == 2
+
+
 def test_a_program_libtpu_refuses_for_memory_is_a_row_that_does_not_fit():
   """libtpu fails the compile of a program over the chip's HBM (the tiny model at batch
   65,536 on v5e:2x2 asks 18.8 GiB of temporaries) instead of returning one: that becomes
