@@ -2,6 +2,8 @@
 
 python -m npp_jax.main --config=configs/3b.py --workdir=runs/3b --config.data.path=CODES
 (CODES: a directory written by `--config.mode=extract`, e.g. with configs/extract_256.py).
+Fits every stage at batch 256 on v5p:4x4x4 and 8 H100s (cuBLAS GEMMs: XLA's Triton
+tiling fails one of its GEMMs); on v5e:4x4 add `--config.model.remat=dots`.
 """
 
 from npp_jax import config_lib

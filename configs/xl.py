@@ -2,6 +2,8 @@
 
 python -m npp_jax.main --config=configs/xl.py --workdir=runs/xl --config.data.path=CODES
 (CODES: a directory written by `--config.mode=extract`, e.g. with configs/extract_256.py).
+Fits every stage at batch 256 on v5p:4x4x4 and 8 H100s, not on v5e:4x4 or v6e:2x4
+(token stage; `python -m npp_jax.aot --fit` names an override).
 """
 
 from npp_jax import config_lib

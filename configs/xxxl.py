@@ -2,6 +2,8 @@
 
 python -m npp_jax.main --config=configs/xxxl.py --workdir=runs/xxxl --config.data.path=CODES
 (CODES: a directory written by `--config.mode=extract`, e.g. with configs/extract_256.py).
+Fits every stage at batch 256 on v5p:4x4x4 and 16 H100s; on 8 H100s add
+`--config.train.grad_accum_steps=2` (the token stage needs 90.7 GiB per chip otherwise).
 """
 
 from npp_jax import config_lib
