@@ -9,7 +9,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import checkpoint, config_lib
+from npp_jax import checkpoint, config_lib, preemption
 
 # What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
 # NPP_TRACEBACK=1 shows the traceback instead.
@@ -65,6 +65,9 @@ def run(main: Callable[[list[str]], None]) -> None:
     setup_logging()
     try:
       main(argv)
+    except preemption.StoppedBySignalError as e:
+      print(f"stopped: {e}", file=sys.stderr)
+      sys.exit(e.exit_status)
     except USER_ERRORS as e:
       if os.environ.get("NPP_TRACEBACK") == "1":
         raise

@@ -18,11 +18,29 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 
-class PreemptionGuard:
-  """Context manager that turns SIGTERM/SIGINT into a checkpoint-then-stop request."""
+class StoppedBySignalError(Exception):
+  """A job stopped on SIGTERM/SIGINT after keeping what it had finished; the command
+  line exits with 128 + the signal's number, as a shell reports a signal."""
 
-  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-    self.signals = signals
+  def __init__(self, message: str, signal_name: str):
+    super().__init__(message)
+    self.exit_status = 128 + signal.Signals[signal_name].value
+
+
+class PreemptionGuard:
+  """Context manager that turns SIGTERM/SIGINT into a finish-then-stop request.
+
+  `local=True` is for jobs whose hosts share no step to stop at (extraction): the handler
+  is installed on every host, in place of JAX's listener.
+  """
+
+  def __init__(
+    self,
+    signals=(signal.SIGTERM, signal.SIGINT),
+    local: bool = False,
+    action: str = "saving a checkpoint after this step",
+  ):
+    self.signals, self.local, self.action = signals, local, action
     self.received: str | None = None
     self._old = {}
     self._warned = False
@@ -31,14 +49,14 @@ class PreemptionGuard:
     del frame
     self.received = signal.Signals(signum).name
     log.warning(
-      "received %s: saving a checkpoint after this step, then stopping "
-      "(send it again to stop at once)",
+      "received %s: %s, then stopping (send it again to stop at once)",
       self.received,
+      self.action,
     )
     signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
 
   def __enter__(self):
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not self.local:
       return self  # JAX's own SIGTERM listener stays in place (see the module docstring)
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:

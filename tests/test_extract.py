@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import config_lib, tokenizers
+from npp_jax import config_lib, preemption, tokenizers
 from npp_jax.data import image_sources, pipeline, preprocess
 from npp_jax.data.records import DatasetInfo
 from npp_jax.jobs import extract, train
@@ -191,3 +191,90 @@ def test_tfds_source_gives_the_codes_of_the_image_folder(tmp_path, folder):
   for i in range(15):
     np.testing.assert_array_equal(src_b[i]["codes"], src_a[i]["codes"])
     assert int(src_b[i]["label"]) == int(src_a[i]["label"])
+
+
+def _records(dataset):
+  info = DatasetInfo.load(dataset)
+  src = pipeline.TokenSource(dataset, 64, 3, info.grid)
+  return [(np.asarray(src[i]["codes"]), int(src[i]["label"])) for i in range(info.num_records)]
+
+
+def test_streamed_codes_are_every_image_encoded_alone(tmp_path, folder):
+  """Streaming (a device batch at a time, whatever the shard) writes, record by record, the
+  codes of each image's variants encoded on their own, for any batch and shard size."""
+  c = _config(tmp_path, folder)
+  c.extract.ten_crop = False
+  a = _records(extract.run(c, str(tmp_path / "wd"))["dataset"])
+  c.extract.update(batch_size=7, images_per_shard=100, out_dir=str(tmp_path / "codes_b"))
+  b = _records(extract.run(c, str(tmp_path / "wd_b"))["dataset"])
+  tok = tokenizers.VQTokenizer(*tokenizers.load_vq(c))
+  items, _ = image_sources.image_folder(str(folder))
+  items = [it for it in items if not it[0].endswith("broken.jpg")]
+  assert len(a) == len(b) == len(items) == 15
+  for (path, label), (codes_a, label_a), (codes_b, label_b) in zip(items, a, b, strict=True):
+    crops = preprocess.variants(Image.open(path), 64, False, 1.1)
+    want = np.asarray(tok.encode(crops)).reshape(2, 16)
+    np.testing.assert_array_equal(codes_a, want)
+    np.testing.assert_array_equal(codes_b, want)
+    assert label_a == label_b == label
+
+
+def test_decoding_stays_a_bounded_window_ahead():
+  """The decoding pool never runs more than `window` images ahead of what is taken: host
+  memory holds a few batches whatever the shard size."""
+  import concurrent.futures
+
+  taken, submitted = [], []
+
+  def items():
+    for i in range(50):
+      submitted.append(i)
+      assert len(submitted) - len(taken) <= 4, (len(submitted), len(taken))
+      yield (i, 0)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for item, result in extract._decoded(items(), lambda it: it[0] * 2, pool, window=4):
+      taken.append(item)
+      assert result == item[0] * 2
+  assert [i for i, _ in taken] == list(range(50))
+
+
+def test_sigterm_stops_within_a_batch_keeps_finished_shards_and_resumes(tmp_path, folder):
+  """SIGTERM while the third shard is being encoded: the two finished shards are kept, no
+  partial file is left, the command's exit status would be 143, and a rerun finishes the same
+  shards as an uninterrupted run."""
+  import signal
+
+  c = _config(tmp_path, folder)
+  c.extract.update(ten_crop=False, batch_size=8)  # a device batch: 4 images (a shard)
+  want = extract.run(c, str(tmp_path / "wd_ref"))["dataset"]
+  c.extract.out_dir = str(tmp_path / "codes_stopped")
+  real_encode, batches = extract.Encoder.__call__, []
+
+  def encode_then_sigterm(self, images):
+    batches.append(len(images))
+    if len(batches) == 3:  # the third shard's (its second holds the broken image)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_encode(self, images)
+
+  before = signal.getsignal(signal.SIGTERM)
+  extract.Encoder.__call__ = encode_then_sigterm
+  try:
+    with pytest.raises(preemption.StoppedBySignalError) as e:
+      extract.run(c, str(tmp_path / "wd"))
+  finally:
+    extract.Encoder.__call__ = real_encode
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+  assert e.value.exit_status == 128 + signal.SIGTERM
+  assert "SIGTERM: 2 of this host's 4 shards are complete" in str(e.value)
+  assert "no partial train-00002.array_record is left" in str(e.value)
+  out = tmp_path / "codes_stopped"
+  left = sorted(f for f in os.listdir(out) if "array_record" in f)
+  done = ["train-00000.array_record", "train-00000.array_record.json"]
+  assert left == [*done, *(f.replace("00000", "00001") for f in done)], left
+  assert len(batches) == 3  # nothing encoded after the batch the signal came in
+  again = _records(extract.run(c, str(tmp_path / "wd"))["dataset"])
+  assert len(again) == 15
+  for (codes, label), (codes_ref, label_ref) in zip(again, _records(want), strict=True):
+    np.testing.assert_array_equal(codes, codes_ref)
+    assert label == label_ref

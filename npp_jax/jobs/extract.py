@@ -6,14 +6,19 @@ becomes one record holding the codes of all its variants (ten-crop, or center + 
 and its label. Shard k holds images [k*R, (k+1)*R) of the sorted list; each host
 encodes its own shards on its local devices, each shard is written under a temporary
 name and renamed when complete, so an interrupted job resumes with the shards it has.
-Unreadable images are skipped and listed in `extract_report.json`.
+Extraction streams: images are decoded by a pool of threads two device batches ahead,
+encoded a device batch at a time and written as they are encoded, so host memory holds
+at most three batches of decoded variants whatever the shard size. SIGTERM or Ctrl-C
+stops after the batch being encoded, removes the partial shard and keeps the finished
+ones. Unreadable images are skipped and listed in `extract_report.json`.
 """
 
+import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from npp_jax import sharding, storage, tokenizers
+from npp_jax import preemption, sharding, storage, tokenizers
 from npp_jax.data import image_sources, preprocess
 from npp_jax.data.records import DatasetInfo, encode_record
 
@@ -56,41 +61,92 @@ def _load(item, image_size, ten_crop, crop_range):
   return preprocess.variants(img, image_size, ten_crop, crop_range), label
 
 
+class _StopRequestedError(Exception):
+  """A stop was requested between two batches of a shard."""
+
+
+def _items(items, start: int, stop: int, chunk: int) -> Iterator:
+  """items[start:stop] read `chunk` at a time (a tfds source reads the bytes it slices)."""
+  for i in range(start, stop, chunk):
+    yield from items[i : min(i + chunk, stop)]
+
+
+def _decoded(items: Iterator, load: Callable, pool, window: int) -> Iterator[tuple]:
+  """(item, (variants, label) or the ValueError of an unreadable image), in order, with at
+  most `window` images decoding or decoded and not yet taken."""
+  pending: collections.deque = collections.deque()
+
+  def take():
+    item, fut = pending.popleft()
+    try:
+      return item, fut.result()
+    except ValueError as e:
+      return item, e
+
+  for item in items:
+    pending.append((item, pool.submit(load, item)))
+    if len(pending) >= window:
+      yield take()
+  while pending:
+    yield take()
+
+
 def write_shard(
   path: str,
-  items: list,
+  items: Iterator,
   encode: Callable[[np.ndarray], np.ndarray],
-  image_size: int,
-  ten_crop: bool,
-  crop_range: float,
+  load: Callable,
   pool,
-  on_image: Callable[[], None],
+  images_per_batch: int,
+  on_done: Callable[[int], None],
+  should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-  """Encodes `items` into one ArrayRecord shard; returns {"count", "skipped": [...]}."""
+  """Streams `items` into one ArrayRecord shard: decoded by `pool` (two batches ahead),
+  encoded `images_per_batch` at a time, each batch's records written as it is encoded.
+  Host memory holds at most three batches of decoded variants, whatever the shard's size.
+  `on_done(n)` reports images finished (encoded or skipped); when `should_stop()` turns
+  true after a batch, the partial file is removed and _StopRequestedError raised. Returns
+  {"count", "skipped": [...]}."""
   from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
-  skipped, loaded = [], []
-  futures = [pool.submit(_load, it, image_size, ten_crop, crop_range) for it in items]
-  for item, fut in zip(items, futures, strict=True):
-    try:
-      loaded.append(fut.result())
-    except ValueError as e:
-      name = item[0] if isinstance(item[0], str) else f"record with label {item[1]}"
-      skipped.append({"image": name, "error": str(e)})
-      log.warning("skipping %s: %s", name, e)
-    on_image()
+  skipped, count, batch = [], 0, []
+
+  def flush():
+    nonlocal count, batch
+    if batch:
+      n_aug = batch[0][0].shape[0]
+      codes = encode(np.concatenate([v for v, _ in batch])).reshape(len(batch), n_aug, -1)
+      for (_, label), c in zip(batch, codes, strict=True):
+        writer.write(encode_record(c, label))
+      count += len(batch)
+    on_done(len(batch))
+    batch = []
+
   with storage.local_copy_for_writing(path) as local:  # uploaded at the end in a bucket
     tmp = local + ".tmp"
     writer = ArrayRecordWriter(tmp, "group_size:1")
-    if loaded:
-      n_aug = loaded[0][0].shape[0]
-      codes = encode(np.concatenate([v for v, _ in loaded]))
-      codes = codes.reshape(len(loaded), n_aug, -1)
-      for (_, label), c in zip(loaded, codes, strict=True):
-        writer.write(encode_record(c, label))
-    writer.close()
+    try:
+      for item, result in _decoded(items, load, pool, 2 * images_per_batch):
+        if isinstance(result, ValueError):
+          name = item[0] if isinstance(item[0], str) else f"record with label {item[1]}"
+          skipped.append({"image": name, "error": str(result)})
+          log.warning("skipping %s: %s", name, result)
+          on_done(1)
+          continue
+        batch.append(result)
+        if len(batch) == images_per_batch:
+          flush()
+          if should_stop():
+            raise _StopRequestedError
+      flush()
+      writer.close()
+    except BaseException:
+      writer.close()
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
     os.replace(tmp, local)
-  meta = {"count": len(loaded), "skipped": skipped}
+  meta = {"count": count, "skipped": skipped}
   storage.write_text(path + ".json", json.dumps(meta))  # the shard's completion mark
   return meta
 
@@ -146,22 +202,38 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("resuming: %d of %d shards already written", len(mine) - len(todo), len(mine))
   from tqdm import tqdm  # noqa: PLC0415
 
-  total = sum(b - a for _, a, b in todo)
-  bar = tqdm(total=total, desc="extracting", unit="img", disable=host != 0)
-  t0 = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(max(1, e.num_workers)) as pool:
+  n_aug = 10 if e.ten_crop else 2
+  per_batch = max(1, encode.batch // n_aug)  # images whose variants fill a device batch
+  load = functools.partial(
+    _load, image_size=e.image_size, ten_crop=e.ten_crop, crop_range=e.crop_range
+  )
+  bar = tqdm(total=sum(b - a for _, a, b in todo), desc="encoding", unit="img", disable=host != 0)
+  guard = preemption.PreemptionGuard(local=True, action="finishing the batch being encoded")
+  done = len(mine) - len(todo)
+  with guard, concurrent.futures.ThreadPoolExecutor(max(1, e.num_workers)) as pool:
     for k, a, b in todo:
-      write_shard(
-        _shard_path(out_dir, k),
-        items[a:b],
-        encode,
-        e.image_size,
-        e.ten_crop,
-        e.crop_range,
-        pool,
-        lambda: bar.update(1),
-      )
-      bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.1f}")
+      try:
+        if guard.received is not None:  # between two shards
+          raise _StopRequestedError
+        write_shard(
+          _shard_path(out_dir, k),
+          _items(items, a, b, per_batch),
+          encode,
+          load,
+          pool,
+          per_batch,
+          bar.update,
+          lambda: guard.received is not None,
+        )
+      except _StopRequestedError:
+        bar.close()
+        raise preemption.StoppedBySignalError(
+          f"{guard.received}: {done} of this host's {len(mine)} shards are complete in "
+          f"{out_dir} and kept, no partial {storage.basename(_shard_path(out_dir, k))} is "
+          "left; run the same command again to resume",
+          guard.received,
+        ) from None
+      done += 1
   bar.close()
   if hosts > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
