@@ -140,10 +140,11 @@ def extract_program(c, mesh) -> Program:
   vq = tokenizers.vq_config(c)
   e = c.extract
   info = {"image_size": e.image_size, "precision": c.tokenizer.precision}
+  batch = tokenizers.encode_batch(e.batch_size, mesh.size)
   return Program(
     "extract",
-    lambda: tokenizers.lower_encoder(vq, c.tokenizer.precision, mesh, e.batch_size, e.image_size),
-    e.batch_size,
+    lambda: tokenizers.lower_encoder(vq, c.tokenizer.precision, mesh, batch, e.image_size),
+    batch,
     0.0,
     info,
   )

@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -35,7 +36,7 @@ from npp_jax.evaluation import inception_fid
 from npp_jax.models import gpt_flops, inception, vqgan
 from npp_jax.models.gpt import GPT
 
-WHAT = ("train", "sample", "tokenizer", "eval", "schedule")
+WHAT = ("train", "sample", "tokenizer", "eval", "schedule", "extract")
 
 
 def _machine() -> dict:
@@ -262,10 +263,7 @@ def _sample_flops(cfg, batch: int, cfg_scale: float) -> int:
 
 def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
   cfg = config_lib.vq_config(c)
-  abstract = vqgan.abstract_params(cfg)
-  keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(abstract))))
-  params = jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape), abstract)
-  tok = tokenizers.VQTokenizer(cfg, params, precision=c.tokenizer.precision)
+  tok = tokenizers.VQTokenizer(cfg, random_vq_params(cfg, 0), precision=c.tokenizer.precision)
   x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1.0)
   codes = jax.block_until_ready(tok.encode(x))
   jax.block_until_ready(tok.decode(codes))
@@ -284,6 +282,69 @@ def bench_tokenizer(c, batch: int, image_size: int, repeats: int) -> dict:
     t = (time.perf_counter() - t0) / repeats
     out[f"{name}_images_per_sec"] = round(batch / t, 2)
   return out
+
+
+def _photo_folder(root: str, images: int, classes: int = 4) -> str:
+  """`images` JPEGs of 500x375 px (ImageNet's typical size; smooth random content) in
+  `classes` class folders."""
+  from PIL import Image  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  for i in range(images):
+    folder = os.path.join(root, f"class{i % classes}")
+    os.makedirs(folder, exist_ok=True)
+    small = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    small.resize((500, 375), Image.BICUBIC).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+  return root
+
+
+def bench_extract(c, config_file: str, overrides: list[str], images: int) -> dict:
+  """Extraction as the command runs it: `python -m npp_jax.main --config.mode=extract` in a
+  subprocess over `images` photo-sized JPEGs, with a random-weight tokenizer of the
+  config's preset and the config's extract settings (default shard size: every image in
+  one shard). Images/s from start to end (start-up and compile included) and the
+  subprocess's peak resident memory."""
+  import resource  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  from npp_jax import params_io  # noqa: PLC0415
+
+  cfg = config_lib.vq_config(c)
+  with tempfile.TemporaryDirectory(prefix="npp_bench_extract_") as tmp:
+    folder = _photo_folder(os.path.join(tmp, "images"), images)
+    params_io.save_params(os.path.join(tmp, "vq"), random_vq_params(cfg), cfg)
+    cmd = [sys.executable, "-m", "npp_jax.main", f"--config={config_file}", *overrides]
+    cmd += ["--config.mode=extract", f"--workdir={tmp}/wd", f"--config.extract.data_dir={folder}"]
+    cmd += [f"--config.tokenizer.checkpoint={tmp}/vq", f"--config.model.num_classes={4}"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if out.returncode:
+      raise RuntimeError(f"extraction failed:\n{out.stderr[-3000:]}")
+    report = json.loads(pathlib.Path(tmp, "wd", "codes", "extract_report.json").read_text())
+  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+  e = c.extract
+  return {
+    "bench": "extract",
+    "tokenizer": c.tokenizer.preset,
+    "images": report["images"],
+    "variants_per_image": 10 if e.ten_crop else 2,
+    "image_size": e.image_size,
+    "images_per_shard": e.images_per_shard,
+    "encoder_batch": tokenizers.encode_batch(e.batch_size, jax.local_device_count()),
+    "seconds": round(seconds, 1),
+    "images_per_sec": round(report["images"] / seconds, 2),
+    "peak_rss_gib": round(peak / hardware.GIB, 2),
+    **_machine(),
+  }
+
+
+def random_vq_params(cfg, key=1):
+  """Small random values in every VQ parameter (a benchmark needs no trained weights)."""
+  abstract = vqgan.abstract_params(cfg)
+  keys = iter(jax.random.split(jax.random.key(key), len(jax.tree.leaves(abstract))))
+  return jax.tree.map(lambda a: 0.02 * jax.random.normal(next(keys), a.shape), abstract)
 
 
 def bench_eval(batch: int, repeats: int, mesh, preprocess: str) -> dict:
@@ -318,6 +379,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("image_size", 256, "tokenizer benchmark resolution", flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "timed repetitions", flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "also find the largest batch (sample)", flag_values=fv)
+  flags.DEFINE_integer("images", 64, "photo-sized JPEGs to extract (extract)", flag_values=fv)
   flags.DEFINE_string(
     "real_data",
     "",
@@ -332,6 +394,13 @@ def main(argv: list[str]) -> int:
   what, fv = config_lib.parse_command(argv, WHAT, _define_flags)
   c = fv.config
   mesh = sharding.make_mesh(c.mesh.to_dict())
+  if what == "extract":
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config_file = config_flags.get_config_filename(fv["config"])
+    overrides = [a for a in argv[2:] if a.startswith("--config.")]
+    print(json.dumps(bench_extract(c, config_file, overrides, fv.images)), flush=True)
+    return 0
   if what == "eval":
     print(json.dumps(bench_eval(fv.batch, fv.repeats, mesh, c.eval.preprocess)), flush=True)
     return 0

@@ -38,7 +38,7 @@ class Encoder:
 
   def __init__(self, vq_cfg, vq_params, precision: str, batch: int):
     devices = jax.local_devices()
-    self.batch = batch + (-batch) % len(devices)
+    self.batch = tokenizers.encode_batch(batch, len(devices))
     self.mesh = sharding.make_mesh({"data": -1}, devices)
     self.sharding = sharding.batch_sharding(self.mesh)
     self.tok = tokenizers.VQTokenizer(vq_cfg, vq_params, precision=precision, mesh=self.mesh)
