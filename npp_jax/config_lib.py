@@ -136,7 +136,7 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.extract.crop_range = 1.1
   c.extract.out_dir = ""  # default: WORKDIR/codes
   c.extract.images_per_shard = 1024
-  # Variants per encoder step on a host; 0: 16 per local device (1.5 GiB of activations
+  # Variants per encoder step on a host; 0: 8 per local device (0.75 GiB of activations
   # each at 256 px, so extraction holds under 3 GB on a 1-device CPU host).
   c.extract.batch_size = 0
   c.extract.num_workers = 8  # image decoding threads

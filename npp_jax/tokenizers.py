@@ -56,8 +56,9 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
 
 
 # Variants per device in one encoder step when `extract.batch_size` is 0: VQ-16 at 256 px
-# needs 1.5 GiB of activations for 16 (the CPU backend's memory analysis; 6 GiB for 64).
-ENCODE_PER_DEVICE = 16
+# needs 0.75 GiB of activations for 8 (the CPU backend's memory analysis; 6 GiB for 64),
+# and a 1-device CPU host extracts within 2.2 GB (`bench extract`).
+ENCODE_PER_DEVICE = 8
 
 
 def encode_batch(batch_size: int, num_devices: int) -> int:

@@ -27,6 +27,23 @@ def test_bench_train_and_sample():
   assert row["images_per_sec"] > 0 and row["cfg_scale"] == 1.5
 
 
+def test_bench_extract_runs_the_extraction_command():
+  """`bench extract` runs the extraction command on generated photo-sized JPEGs with a
+  narrow random VQ-16 and reports its throughput and the subprocess's peak memory."""
+  (row,) = _bench(
+    "extract",
+    "--config=configs/extract_256.py",
+    "--images=6",
+    "--config.tokenizer.ch=32",
+    "--config.tokenizer.z_channels=64",
+    "--config.extract.image_size=64",
+    "--config.model.grid=4",
+  )
+  assert row["images"] == 6 and row["variants_per_image"] == 10 and row["image_size"] == 64
+  assert row["images_per_shard"] == 1024 and row["encoder_batch"] % 8 == 0
+  assert row["images_per_sec"] > 0 and 0.2 < row["peak_rss_gib"] < 3
+
+
 def test_bench_rejects_an_unknown_benchmark():
   res = subprocess.run(
     [sys.executable, "-m", "npp_jax.bench", "speed", "--config=configs/tiny.py"],
