@@ -145,3 +145,35 @@ def test_demo_classifier_scores(tmp_path):
   # Float images are refused, not scored.
   with pytest.raises(ValueError, match="samples must be uint8"):
     judge.score(held.astype(np.float32), held_labels)
+
+
+def test_images_are_read_a_batch_at_a_time_with_the_same_features(tmp_path, inception_npz, caplog):
+  """Sample and reference images are read from the .npz a batch at a time (memory does not
+  grow with the number of images) and give the features of the whole array; scoring fewer
+  images than the covariance has dimensions says that the FID is not comparable."""
+  import logging
+
+  from npp_jax import torch_io
+  from npp_jax.evaluation import sample_batches
+  from npp_jax.models import inception_torch
+
+  images = _images(10, 3)
+  np.savez_compressed(tmp_path / "samples.npz", arr_0=images, labels=np.arange(10))
+  lazy = sample_batches.NpzImages(str(tmp_path / "samples.npz"), "sample batch")
+  assert len(lazy) == 10 and [len(b) for b in lazy.batches(4)] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate(list(lazy.batches(4))), images)
+  variables = inception_torch.variables_from_torch(torch_io.load_torch_checkpoint(inception_npz))
+  extract = inception_fid.FeatureExtractor(variables, "adm", 4)
+  for a, b in zip(extract(images), extract(lazy), strict=True):
+    for x, y in zip(a, b, strict=True):
+      np.testing.assert_array_equal(x, y)
+  np.savez(tmp_path / "ref.npz", arr_0=_images(8, 1))
+  c = _config(inception_npz, tmp_path / "samples.npz", tmp_path / "ref.npz")
+  with caplog.at_level(logging.WARNING):
+    result = evaluate.run(c, str(tmp_path))
+  assert result["num_samples"] == 10
+  assert "10 samples: FID and sFID from fewer than 2048 images" in caplog.text
+  assert "8 reference images: FID and sFID from fewer than 2048" in caplog.text
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "samples.npz").read_bytes()[:-3000])
+  with pytest.raises(ValueError, match="cut.npz"):
+    evaluate.run(_config(inception_npz, tmp_path / "cut.npz", tmp_path / "ref.npz"), str(tmp_path))

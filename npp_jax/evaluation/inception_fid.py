@@ -8,6 +8,7 @@ logits (1008) of uint8 images; `batch_features` reduces them to FID/sFID statist
 import functools
 import hashlib
 import logging
+import time
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from npp_jax import sharding, storage
 from npp_jax.evaluation import stats
-from npp_jax.evaluation.sample_batches import check_images, load_npz
+from npp_jax.evaluation.sample_batches import NpzImages, load_npz, npz_keys
 from npp_jax.models import inception
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,26 @@ class FeatureExtractor:
     self._fn = features_fn(preprocess, self.mesh)
     self._sharding = sharding.batch_sharding(self.mesh)
 
-  def __call__(self, images: np.ndarray, desc: str = "features"):
-    """Yields (pool3, spatial, logits) numpy batches for `images` (uint8 NHWC)."""
+  def __call__(self, images: np.ndarray | NpzImages, desc: str = "features"):
+    """Yields (pool3, spatial, logits) numpy batches for `images`: uint8 NHWC, or an
+    NpzImages read a batch at a time."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    for i in tqdm(
-      range(0, len(images), self.batch), desc=desc, unit="batch", disable=jax.process_index() != 0
-    ):
-      chunk = images[i : i + self.batch]
+    if isinstance(images, NpzImages):
+      batches = images.batches(self.batch)
+    else:
+      batches = (images[i : i + self.batch] for i in range(0, len(images), self.batch))
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=jax.process_index() != 0)
+    for chunk in batches:
       n = len(chunk)
       if n < self.batch:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
       out = self._fn(self.variables, jax.device_put(jnp.asarray(chunk), self._sharding))
       if jax.process_count() > 1:  # every host gets the whole batch's features
         out = multihost_utils.process_allgather(out, tiled=True)
+      bar.update(n)
       yield tuple(np.asarray(o)[:n] for o in out)
+    bar.close()
 
 
 def batch_features(extract: FeatureExtractor, images: np.ndarray, desc: str) -> dict:
@@ -112,27 +118,49 @@ def reference_statistics(
   if storage.exists(cache):
     log.info("reference statistics from cache %s", cache)
     return load_npz(cache, "reference cache")
-  ref = load_npz(path, "reference batch")
-  has_stats = all(k in ref for k in ("mu", "sigma", "mu_s", "sigma_s"))
-  if "arr_0" not in ref and not has_stats:
+  keys = npz_keys(path, "reference batch")
+  has_stats = all(k in keys for k in STAT_KEYS)
+  if "arr_0" not in keys and not has_stats:
     raise ValueError(
-      f"reference batch {path} has keys {sorted(ref)}; it needs images `arr_0` "
+      f"reference batch {path} has keys {sorted(keys)}; it needs images `arr_0` "
       "or all of `mu`, `sigma`, `mu_s`, `sigma_s` (ADM's reference batches)."
     )
+  ref = load_npz(path, "reference batch", STAT_KEYS)
   out: dict[str, np.ndarray] = {}
-  if "arr_0" in ref:
-    feats = batch_features(extract, check_images(ref["arr_0"], "reference batch"), "reference")
-    out = {k: feats[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool3")}
+  if "arr_0" in keys:
+    images = NpzImages(path, "reference batch")
+    warn_if_too_few(len(images), "reference images")
+    feats = batch_features(extract, images, "reference")
+    out = {k: feats[k] for k in (*STAT_KEYS, "pool3")}
   if has_stats:
     out.update({k: np.asarray(ref[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")})
   storage.save_npz(cache, **out)
   return out
 
 
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# The pool3 covariance is 2048 x 2048: below that many images it is singular, and FID is
+# far from what 50,000 samples against ADM's 10,000 references give.
+MEANINGFUL_IMAGES = 2048
+
+
+def warn_if_too_few(n: int, what: str) -> None:
+  if n < MEANINGFUL_IMAGES:
+    log.warning(
+      "%d %s: FID and sFID from fewer than %d images are not comparable to published "
+      "numbers (the covariance is singular; the paper uses 50,000 samples against 10,000 "
+      "reference images)",
+      n,
+      what,
+      MEANINGFUL_IMAGES,
+    )
+
+
 def adm_metrics(
   extract: FeatureExtractor, samples: np.ndarray, ref: dict, is_split_size: int
 ) -> dict[str, float]:
   """FID, sFID, Inception Score and (when the reference has images) precision/recall."""
+  warn_if_too_few(len(samples), "samples")
   smp = batch_features(extract, samples, "samples")
   result = {
     "fid": stats.frechet_distance(smp["mu"], smp["sigma"], ref["mu"], ref["sigma"]),
@@ -140,5 +168,8 @@ def adm_metrics(
     "inception_score": stats.inception_score(smp["logits"], is_split_size),
   }
   if "pool3" in ref:
+    t0 = time.perf_counter()
+    log.info("precision and recall: %d x %d pool3 features", len(ref["pool3"]), len(samples))
     result["precision"], result["recall"] = stats.precision_recall(ref["pool3"], smp["pool3"])
+    log.info("precision and recall took %.1f s", time.perf_counter() - t0)
   return result

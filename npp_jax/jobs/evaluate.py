@@ -9,6 +9,7 @@ path) sharded over the devices. Reference features are cached in WORKDIR/eval_ca
 
 import json
 import logging
+import time
 
 import jax
 import ml_collections
@@ -49,20 +50,21 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
       "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time)."
     )
   samples_path = e.samples or sample_batches.latest_samples(workdir)
-  data = sample_batches.load_npz(samples_path, "sample batch")
-  if "arr_0" not in data:
-    raise ValueError(f"sample batch {samples_path} has keys {sorted(data)}, no `arr_0` images.")
-  samples = sample_batches.check_images(data["arr_0"], f"sample batch {samples_path}")
+  samples = sample_batches.NpzImages(samples_path, "sample batch")  # read a batch at a time
   variables = inception_torch.variables_from_torch(
     torch_io.load_torch_checkpoint(e.inception_checkpoint, trust=c.trust_checkpoint)
   )
   extract = inception_fid.FeatureExtractor(
     variables, e.preprocess, e.batch_size, sharding.make_mesh(c.mesh.to_dict())
   )
+  t0 = time.perf_counter()
   ref = inception_fid.reference_statistics(
     e.reference, extract, storage.join(storage.absolute(workdir), "eval_cache"), e.preprocess
   )
+  t1 = time.perf_counter()
+  log.info("reference statistics took %.1f s", t1 - t0)
   result = inception_fid.adm_metrics(extract, samples, ref, e.is_split_size)
+  log.info("sample metrics took %.1f s", time.perf_counter() - t1)
   log.info(
     "FID %.3f | sFID %.3f | IS %.2f | precision %s | recall %s",
     result["fid"],
