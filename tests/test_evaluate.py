@@ -91,6 +91,10 @@ def test_malformed_inputs(tmp_path, inception_npz):
     )
   with pytest.raises(ValueError, match="eval.inception_checkpoint is empty"):
     evaluate.run(_config("", tmp_path / "good.npz", tmp_path / "ref.npz"), str(tmp_path))
+  zero = _config(inception_npz, tmp_path / "good.npz", tmp_path / "ref.npz")
+  zero.eval.batch_size = 0
+  with pytest.raises(ValueError, match=r"eval.batch_size=0 must be >= 1 \(images per"):
+    evaluate.run(zero, str(tmp_path))
   with pytest.raises(ValueError, match="eval.preprocess='tf2'"):
     evaluate.run(
       _config(inception_npz, tmp_path / "good.npz", tmp_path / "ref.npz", preprocess="tf2"),

@@ -68,6 +68,7 @@ def test_wrong_size_checkpoint_is_refused(vq_sd):
   assert "checkpoint does not fit the VQ tokenizer (ch=128" in msg
   assert "wrong shape: decoder.conv_blocks_0.attn_0.k.bias: checkpoint (128,), model (512,)" in msg
   assert "the checkpoint's codebook is (64, 8)" in msg
+  assert "the checkpoint has ch=32, z_channels=64: set --config.tokenizer.ch=32" in msg
   broken = dict(vq_sd)
   del broken["quant_conv.bias"]
   with pytest.raises(ValueError, match="missing: quant_conv.bias"):

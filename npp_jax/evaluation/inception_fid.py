@@ -58,6 +58,8 @@ class FeatureExtractor:
   def __init__(self, variables: Any, preprocess: str, batch: int, mesh=None):
     if preprocess not in PREPROCESS:
       raise ValueError(f"eval.preprocess={preprocess!r}; use 'adm' or 'pytorch_fid'.")
+    if batch < 1:
+      raise ValueError(f"eval.batch_size={batch} must be >= 1 (images per Inception step).")
     self.mesh = mesh or sharding.make_mesh({"data": -1})
     dp = sharding.data_parallel_size(self.mesh)
     self.batch = batch + (-batch) % dp

@@ -67,6 +67,18 @@ def params_from_torch(sd: Mapping[str, Any], cfg: VQConfig) -> dict[str, Any]:
         f"the checkpoint's codebook is {tuple(np.shape(emb))}: set codebook_size and "
         "codebook_embed_dim to match."
       )
+    # The width and latent channels the checkpoint has, read off its first and last
+    # encoder convolutions (Conv2d weights are (out, in, kh, kw)).
+    found = {
+      key: int(np.shape(sd[name])[0])
+      for key, name in (("ch", "encoder.conv_in.weight"), ("z_channels", "encoder.conv_out.weight"))
+      if name in sd and np.ndim(sd[name]) == 4
+    }
+    found = {k: v for k, v in found.items() if v != getattr(cfg, k)}
+    if found:
+      flags = " ".join(f"--config.tokenizer.{k}={v}" for k, v in found.items())
+      hint = f"{hint} " if hint else ""
+      hint += f"the checkpoint has {', '.join(f'{k}={v}' for k, v in found.items())}: set {flags}."
     what = (
       f"the VQ tokenizer (ch={cfg.ch}, ch_mult={cfg.ch_mult}, z_channels={cfg.z_channels}, "
       f"codebook {cfg.codebook_size}x{cfg.codebook_embed_dim})"
