@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -278,3 +279,27 @@ def test_sigterm_stops_within_a_batch_keeps_finished_shards_and_resumes(tmp_path
   for (codes, label), (codes_ref, label_ref) in zip(again, _records(want), strict=True):
     np.testing.assert_array_equal(codes, codes_ref)
     assert label == label_ref
+
+
+def test_a_rerun_with_other_settings_changes_nothing(tmp_path, folder):
+  """Extracting again into the same folder with other settings (here the variants) is
+  refused before anything is encoded: the shards, dataset.json and the recorded settings
+  stay byte for byte; dataset.json names the classes."""
+  c = _config(tmp_path, folder)
+  out = extract.run(c, str(tmp_path / "wd"))["dataset"]
+  assert DatasetInfo.load(out).class_names == ("cat", "dog", "owl")
+  files = lambda: {f.name: f.read_bytes() for f in sorted(pathlib.Path(out).iterdir())}
+  before = files()
+  assert "extract_settings.json" in before
+  c.extract.ten_crop = False
+  with pytest.raises(ValueError, match="holds codes extracted with other settings") as e:
+    extract.run(c, str(tmp_path / "wd"))
+  assert "ten_crop: True -> False" in str(e.value) and "out_dir=NEW_DIR" in str(e.value)
+  assert files() == before
+
+
+def test_an_empty_class_folder_is_refused(tmp_path, folder):
+  (folder / "empty").mkdir()
+  (folder / "empty" / "readme.txt").write_text("no images here")
+  with pytest.raises(ValueError, match=r"class folder .*empty holds no images"):
+    extract.run(_config(tmp_path, folder), str(tmp_path / "wd"))

@@ -19,7 +19,13 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   items = []
   for label, name in enumerate(classes):
     found = storage.files_under(storage.join(root, name))
-    items += [(f, label) for f in found if f.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [(f, label) for f in found if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+      raise ValueError(
+        f"class folder {storage.join(root, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)}):"
+        " add its images or remove the folder (every folder under the root is a class)."
+      )
+    items += images
   return items, classes
 
 

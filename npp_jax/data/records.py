@@ -34,6 +34,7 @@ class DatasetInfo:
   tokenizer: str = ""
   shards: tuple[str, ...] = ()
   shard_sizes: tuple[int, ...] = ()
+  class_names: tuple[str, ...] = ()  # label k is class_names[k] (extracted datasets)
 
   def save(self, directory: str) -> None:
     storage.write_text(
@@ -52,6 +53,7 @@ class DatasetInfo:
       raw = json.loads(storage.read_text(path))
       raw["shards"] = tuple(raw.get("shards", ()))
       raw["shard_sizes"] = tuple(raw.get("shard_sizes", ()))
+      raw["class_names"] = tuple(raw.get("class_names", ()))
       return cls(**raw)
     except (ValueError, TypeError, AttributeError) as e:
       raise ValueError(

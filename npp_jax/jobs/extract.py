@@ -15,6 +15,7 @@ ones. Unreadable images are skipped and listed in `extract_report.json`.
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -193,6 +194,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       len(classes),
       c.model.num_classes,
     )
+  _check_settings(out_dir, _settings(c, vq_cfg, len(items), classes))
   encode = Encoder(vq_cfg, vq_params, c.tokenizer.precision, e.batch_size)
   shards = list(_shards(len(items), e.images_per_shard))
   host, hosts = jax.process_index(), jax.process_count()
@@ -243,6 +245,59 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"dataset": out_dir, **report}
 
 
+SETTINGS_FILE = "extract_settings.json"
+
+
+def _settings(c: ml_collections.ConfigDict, vq_cfg, num_items: int, classes) -> dict:
+  """What decides the codes and their shards, as stored in SETTINGS_FILE."""
+  e, t = c.extract, c.tokenizer
+  tfds = e.source == "tfds"
+  settings = {
+    "tokenizer": {
+      **dataclasses.asdict(vq_cfg),
+      "checkpoint": storage.absolute(t.checkpoint),
+      "precision": t.precision,
+    },
+    "source": e.source,
+    "data_dir": e.data_dir if tfds else storage.absolute(e.data_dir),
+    "tfds_name": e.tfds_name if tfds else "",
+    "split": e.split if tfds else "",
+    "images": num_items,
+    "class_names": list(classes),
+    "image_size": e.image_size,
+    "ten_crop": e.ten_crop,
+    "crop_range": e.crop_range,
+    "images_per_shard": e.images_per_shard,
+  }
+  return json.loads(json.dumps(settings))  # tuples as lists, as read back
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+  """Records the settings of a fresh extraction; refuses to add to one made otherwise."""
+  path = storage.join(out_dir, SETTINGS_FILE)
+  if storage.exists(path):
+    saved = json.loads(storage.read_text(path))
+    diff = [
+      f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}"
+      for k in sorted(set(saved) | set(settings))
+      if saved.get(k) != settings.get(k)
+    ]
+    if diff:
+      raise ValueError(
+        f"{out_dir} holds codes extracted with other settings ({'; '.join(diff)}); nothing "
+        "was changed: extract into a fresh folder (--config.extract.out_dir=NEW_DIR) or "
+        "delete that one."
+      )
+    return
+  if any(n.endswith(".array_record") for n in storage.listdir(out_dir)):
+    raise ValueError(
+      f"{out_dir} holds shards but no {SETTINGS_FILE} (an earlier npp_jax wrote it), so its "
+      "settings cannot be checked; nothing was changed: extract into a fresh folder "
+      "(--config.extract.out_dir=NEW_DIR) or delete that one."
+    )
+  storage.write_text(path, json.dumps(settings, indent=1))
+
+
 def _shard_path(out_dir: str, k: int) -> str:
   return storage.join(out_dir, f"train-{k:05d}.array_record")
 
@@ -264,8 +319,8 @@ def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
     tokenizer="vq",
     shards=tuple(names),
     shard_sizes=tuple(sizes),
+    class_names=tuple(classes),
   )
-  info.save(out_dir)
   report = {
     "images": sum(sizes),
     "skipped": len(skipped),
@@ -273,6 +328,7 @@ def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
     "classes": len(classes),
   }
   storage.write_text(storage.join(out_dir, "extract_report.json"), json.dumps(report, indent=1))
+  info.save(out_dir)  # last (and atomically): a dataset.json means the dataset is whole
   log.info(
     "extracted %d images into %d shards in %s; skipped %d unreadable images (listed in "
     "extract_report.json)",
