@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,8 +92,38 @@ class UnsafeCheckpointError(ValueError):
 SAFE_GLOBALS = (argparse.Namespace,)
 
 
+def torch_file_problem(f) -> str | None:
+  """Why the open binary file `f` is not an intact PyTorch checkpoint, or None.
+
+  A checkpoint is a zip archive holding `<name>/data.pkl` (PyTorch >= 1.6) whose entries
+  pass their CRC, or a legacy pickle (it starts with the pickle protocol byte 0x80)."""
+  head = f.read(4)
+  f.seek(0)
+  if head[:2] == b"PK":
+    try:
+      with zipfile.ZipFile(f) as z:
+        names = z.namelist()
+        broken = z.testzip()  # reads every entry: a flipped byte fails its CRC
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      return f"a truncated or corrupt PyTorch archive ({e})"
+    if not any(n.endswith("data.pkl") for n in names):
+      return "a zip archive but not a PyTorch checkpoint (it has no data.pkl)"
+    if broken is not None:
+      return f"a corrupt PyTorch archive (its entry {broken} fails its checksum)"
+    return None
+  if head[:1] == b"\x80":
+    return None  # a legacy PyTorch pickle: torch.load checks what is in it
+  return "not a PyTorch file (neither a zip archive nor a pickle)"
+
+
 def _torch_load(torch, path: str, trust: bool) -> Any:
   source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+  with source if isinstance(source, io.BytesIO) else open(source, "rb") as f:
+    problem = torch_file_problem(f)
+  if isinstance(source, io.BytesIO):
+    source = io.BytesIO(source.getvalue())  # the check closed it
+  if problem:
+    raise ValueError(f"{path} is {problem}: download or convert it again.")
   if trust:
     log.warning("loading %s with weights_only=False: it may run code (trusted on request).", path)
     return torch.load(source, map_location="cpu", weights_only=False)
@@ -101,6 +132,12 @@ def _torch_load(torch, path: str, trust: bool) -> Any:
     return torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if not found and "weights_only" not in str(e).lower().replace(" ", "_"):
+      # Not a refused object: the pickle itself is damaged (a truncated legacy file).
+      raise ValueError(
+        f"{path} is a damaged PyTorch pickle ({str(e).splitlines()[0]}): download or convert "
+        "it again."
+      ) from None
     what = f"a pickled {found.group(1)}" if found else "pickled objects besides tensors"
     raise UnsafeCheckpointError(
       f"{path} holds {what}, which could run code when loaded, so it was not loaded. If you "

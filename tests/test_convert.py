@@ -163,6 +163,31 @@ def test_truncated_pt_file(tmp_path, golden_dir):
     torch_io.load_torch_checkpoint(str(tmp_path / "cut.pt"))
 
 
+def test_a_damaged_pt_is_named_for_what_it_is(tmp_path, golden_dir, sd):
+  """Truncated, bit-flipped, legacy-format truncated and non-torch files each say what is
+  wrong with them and never suggest turning the pickle safety check off."""
+  torch = require_torch()
+  data = (golden_dir / "gpt_tiny.pt").read_bytes()
+  flipped = bytearray(data)
+  flipped[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+  legacy = tmp_path / "legacy.pt"
+  torch.save(
+    {k: torch.from_numpy(v) for k, v in sd.items()}, legacy, _use_new_zipfile_serialization=False
+  )
+  cases = {
+    "cut.pt": (data[: len(data) - 100], "truncated or corrupt PyTorch archive"),
+    "flipped.pt": (bytes(flipped), "fails its checksum"),
+    "text.pt": (b"<html>Not Found</html>" * 10, "not a PyTorch file"),
+    "legacy_cut.pt": (legacy.read_bytes()[:300], "damaged PyTorch pickle|corrupt or truncated"),
+  }
+  for name, (content, message) in cases.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as e:
+      torch_io.load_torch_checkpoint(str(tmp_path / name))
+    assert "trust" not in str(e.value) and name in str(e.value), str(e.value)
+  assert set(torch_io.load_torch_checkpoint(str(legacy))) == set(sd)  # intact legacy loads
+
+
 def test_pt_without_torch_names_the_extra(monkeypatch, golden_dir):
   real_import = builtins.__import__
 
