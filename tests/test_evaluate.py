@@ -80,6 +80,13 @@ def test_malformed_inputs(tmp_path, inception_npz):
         _config(inception_npz, tmp_path / f"bad{i}.npz", tmp_path / "ref.npz"), str(tmp_path)
       )
   np.savez(tmp_path / "good.npz", arr_0=_images(6, 0))
+  small = dict(mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+  np.savez(tmp_path / "ref_small.npz", **small)
+  with pytest.raises(ValueError, match=r"`mu` is \(64,\), the FID Inception's is \(2048,\)"):
+    evaluate.run(
+      _config(inception_npz, tmp_path / "good.npz", tmp_path / "ref_small.npz"),
+      str(tmp_path / "small"),
+    )
   np.savez(tmp_path / "ref_bad.npz", mu=np.zeros(2048))
   with pytest.raises(ValueError, match="needs images `arr_0` or all of `mu`, `sigma`"):
     evaluate.run(
@@ -149,6 +156,19 @@ def test_demo_classifier_scores(tmp_path):
   # Float images are refused, not scored.
   with pytest.raises(ValueError, match="samples must be uint8"):
     judge.score(held.astype(np.float32), held_labels)
+  # The job checks a sample batch for the judge as for FID: labels within the classes,
+  # one per image, images (N, H, W, 3) and at least two.
+  npz = tmp_path / "samples" / "real" / "samples_500.npz"
+  bad_batches = [
+    (dict(arr_0=real, labels=held_labels + 10), r"labels must be classes 0\.\.9, got \[10"),
+    (dict(arr_0=real, labels=held_labels[:5]), "`labels` must be 500 integers"),
+    (dict(arr_0=real[:0], labels=held_labels[:0]), "need at least 2 images, got 0"),
+    (dict(arr_0=real[..., 0], labels=held_labels), r"must be \(N, H, W, 3\)"),
+  ]
+  for content, message in bad_batches:
+    np.savez(npz, **content)
+    with pytest.raises(ValueError, match=message):
+      evaluate.run(c, str(tmp_path))
 
 
 def test_images_are_read_a_batch_at_a_time_with_the_same_features(tmp_path, inception_npz, caplog):

@@ -110,6 +110,25 @@ def batch_features(extract: FeatureExtractor, images: np.ndarray, desc: str) -> 
   }
 
 
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+# The pool3 covariance is 2048 x 2048: below that many images it is singular, and FID is
+# far from what 50,000 samples against ADM's 10,000 references give.
+MEANINGFUL_IMAGES = 2048
+
+
+def warn_if_too_few(n: int, what: str) -> None:
+  if n < MEANINGFUL_IMAGES:
+    log.warning(
+      "%d %s: FID and sFID from fewer than %d images are not comparable to published "
+      "numbers (the covariance is singular; the paper uses 50,000 samples against 10,000 "
+      "reference images)",
+      n,
+      what,
+      MEANINGFUL_IMAGES,
+    )
+
+
 def reference_statistics(
   path: str, extract: FeatureExtractor, cache_dir: str, preprocess: str
 ) -> dict:
@@ -135,27 +154,15 @@ def reference_statistics(
     feats = batch_features(extract, images, "reference")
     out = {k: feats[k] for k in (*STAT_KEYS, "pool3")}
   if has_stats:
-    out.update({k: np.asarray(ref[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    for k, shape in STAT_SHAPES.items():
+      if np.shape(ref[k]) != shape:
+        raise ValueError(
+          f"reference batch {path}: `{k}` is {np.shape(ref[k])}, the FID Inception's is {shape};"
+          " use ADM's reference batch or statistics of the same Inception features."
+        )
+    out.update({k: np.asarray(ref[k], np.float64) for k in STAT_KEYS})
   storage.save_npz(cache, **out)
   return out
-
-
-STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
-# The pool3 covariance is 2048 x 2048: below that many images it is singular, and FID is
-# far from what 50,000 samples against ADM's 10,000 references give.
-MEANINGFUL_IMAGES = 2048
-
-
-def warn_if_too_few(n: int, what: str) -> None:
-  if n < MEANINGFUL_IMAGES:
-    log.warning(
-      "%d %s: FID and sFID from fewer than %d images are not comparable to published "
-      "numbers (the covariance is singular; the paper uses 50,000 samples against 10,000 "
-      "reference images)",
-      n,
-      what,
-      MEANINGFUL_IMAGES,
-    )
 
 
 def adm_metrics(

@@ -29,6 +29,21 @@ def check_images(arr: Any, what: str) -> np.ndarray:
   return arr
 
 
+def check_labels(labels: Any, n: int, num_classes: int, what: str) -> np.ndarray:
+  """The requested class of each of `n` images: integers in [0, num_classes)."""
+  labels = np.asarray(labels)
+  if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(
+      f"{what}: `labels` must be {n} integers (one per image), got {labels.dtype} {labels.shape}."
+    )
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if len(bad):
+    raise ValueError(
+      f"{what}: labels must be classes 0..{num_classes - 1}, got {sorted(set(bad.tolist()))[:5]}."
+    )
+  return labels
+
+
 def load_npz(path: str, what: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
   """The arrays of an `.npz` (all, or those of `keys` it has; no pickles); `what` names
   the file in errors."""

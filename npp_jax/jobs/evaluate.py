@@ -101,7 +101,9 @@ def _digits(c: ml_collections.ConfigDict, workdir: str) -> dict:
   data = sample_batches.load_npz(path, "sample batch")
   if "arr_0" not in data or "labels" not in data:
     raise ValueError(f"{path} needs `arr_0` images and the requested `labels`.")
-  result = {**judge.score(data["arr_0"][..., 0], data["labels"]), "samples": path}
+  images = sample_batches.check_images(data["arr_0"], f"sample batch {path}")
+  labels = sample_batches.check_labels(data["labels"], len(images), 10, f"sample batch {path}")
+  result = {**judge.score(images[..., 0], labels), "samples": path}
   log.info(
     "demo scores: generated digits read as the requested class %.1f%% of the time "
     "(classifier accuracy on real digits %.1f%%); Frechet distance in classifier "
