@@ -53,6 +53,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with unknown config keys and bad values as one line (exit status 2)."""
   try:
     return flags.FLAGS(argv)
+  except SyntaxError as e:  # the config file itself does not parse
+    print(f"error: config file {e.filename} line {e.lineno}: {e.msg}", file=sys.stderr)
+    sys.exit(2)
   except (flags.Error, AttributeError, KeyError) as e:
     print(f"error: {config_lib.flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)

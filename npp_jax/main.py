@@ -25,7 +25,15 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if os.environ.get("NPP_DISTRIBUTED") == "1" or c.distributed:
-    jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
+    try:
+      jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
+    except (ValueError, RuntimeError) as e:
+      raise ValueError(
+        f"NPP_DISTRIBUTED=1 or config.distributed asks for several hosts, but JAX found no "
+        f"cluster to join ({str(e).splitlines()[0]}): run on a TPU pod or under SLURM, or set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on one machine "
+        "leave both unset."
+      ) from None
   workdir = storage.absolute(flags.FLAGS.workdir)  # local -> absolute; gs://... as given
   storage.makedirs(workdir)
   compile_cache.enable(c.compile_cache, workdir)

@@ -149,3 +149,27 @@ def test_command_line_errors_are_one_line():
     )
     assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-500:])
     assert "Traceback" not in res.stderr, args
+
+
+def test_a_broken_config_file_and_a_missing_cluster_are_one_line(tmp_path):
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  broken = tmp_path / "broken.py"
+  broken.write_text("from npp_jax import config_lib\n\ndef get_config()\n  return None\n")
+  cases = (
+    ([f"--config={broken}"], {}, f"error: config file {broken} line 3: expected ':'"),
+    (
+      [f"--config={CONFIGS / 'tiny.py'}"],
+      {"NPP_DISTRIBUTED": "1"},
+      "error: NPP_DISTRIBUTED=1 or config.distributed asks for several hosts, but JAX found no",
+    ),
+  )
+  for args, env, message in cases:
+    cmd = [sys.executable, "-m", "npp_jax.main", *args, f"--workdir={tmp_path / 'wd'}"]
+    res = subprocess.run(
+      cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-800:]
+    assert "Traceback" not in res.stderr
