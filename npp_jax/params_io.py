@@ -27,10 +27,17 @@ def save_params(directory: str, params: Any, cfg: Any, *, force: bool = False) -
   unless `force`."""
   directory = storage.absolute(directory)
   target = storage.join(directory, "params")
-  if storage.exists(target):
-    if not force:
-      raise FileExistsError(f"{target} already exists; pass force=True (--force) to replace it.")
-    storage.remove(target)
+  if not force:
+    # A config file alone is a model too (a half-written or foreign folder): never replaced
+    # without asking.
+    for name in ("params", CONFIG_FILE, VQ_CONFIG_FILE):
+      if storage.exists(storage.join(directory, name)):
+        raise FileExistsError(
+          f"{storage.join(directory, name)} already exists; pass force=True (--force) to "
+          "replace what is there, or choose another output folder."
+        )
+  for name in ("params", CONFIG_FILE, VQ_CONFIG_FILE):  # force: what was there goes
+    storage.remove(storage.join(directory, name))
   storage.makedirs(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.tree.map(np.asarray, params))

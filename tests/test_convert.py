@@ -246,3 +246,20 @@ def test_cli_reports_wrong_size_cleanly(tmp_path, golden_dir):
   assert res.returncode == 2
   assert "error: checkpoint does not fit the model" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_an_output_folder_holding_another_model_is_not_overwritten(tmp_path, sd):
+  """A folder that holds only another model's config (a foreign or half-written output) is
+  refused without force; with force, what was there is replaced, not mixed."""
+  from npp_jax.models.gpt import GPTConfig
+
+  cfg = GPTConfig.preset("tiny", dtype="float32")
+  params = gpt_torch.params_from_torch(sd, cfg)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / params_io.VQ_CONFIG_FILE).write_text('{"ch": 128}')
+  with pytest.raises(FileExistsError, match="vq_config.json already exists; pass force"):
+    params_io.save_params(str(out), params, cfg)
+  assert (out / params_io.VQ_CONFIG_FILE).read_text() == '{"ch": 128}'
+  params_io.save_params(str(out), params, cfg, force=True)
+  assert sorted(p.name for p in out.iterdir()) == ["model_config.json", "params"]
