@@ -117,11 +117,10 @@ def torch_file_problem(f) -> str | None:
 
 
 def _torch_load(torch, path: str, trust: bool) -> Any:
-  source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-  with source if isinstance(source, io.BytesIO) else open(source, "rb") as f:
+  data = storage.read_bytes(path) if storage.is_remote(path) else None  # read once
+  with io.BytesIO(data) if data is not None else open(path, "rb") as f:
     problem = torch_file_problem(f)
-  if isinstance(source, io.BytesIO):
-    source = io.BytesIO(source.getvalue())  # the check closed it
+  source = io.BytesIO(data) if data is not None else path
   if problem:
     raise ValueError(f"{path} is {problem}: download or convert it again.")
   if trust:

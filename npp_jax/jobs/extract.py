@@ -56,6 +56,11 @@ class Encoder:
     return np.concatenate(out).reshape(len(images), -1)
 
 
+def _variants(e: ml_collections.ConfigDict) -> int:
+  """Variants per image: ten crops, or the center crop and its mirror."""
+  return 10 if e.ten_crop else 2
+
+
 def _load(item, image_size, ten_crop, crop_range):
   data, label = item
   img = preprocess.open_image(data)
@@ -204,7 +209,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("resuming: %d of %d shards already written", len(mine) - len(todo), len(mine))
   from tqdm import tqdm  # noqa: PLC0415
 
-  n_aug = 10 if e.ten_crop else 2
+  n_aug = _variants(e)
   per_batch = max(1, encode.batch // n_aug)  # images whose variants fill a device batch
   load = functools.partial(
     _load, image_size=e.image_size, ten_crop=e.ten_crop, crop_range=e.crop_range
@@ -314,7 +319,7 @@ def _finish(out_dir, shards, classes, vq_cfg, e, grid) -> dict:
     grid=grid,
     vocab_size=vq_cfg.codebook_size,
     num_classes=len(classes),
-    n_aug=10 if e.ten_crop else 2,
+    n_aug=_variants(e),
     image_size=e.image_size,
     tokenizer="vq",
     shards=tuple(names),
