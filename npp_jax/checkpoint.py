@@ -77,11 +77,12 @@ def _lookup(cfg: dict, dotted: str) -> Any:
   return node
 
 
-def _flat(cfg: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+  """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
   out = {}
   for k, v in cfg.items():
     if isinstance(v, dict):
-      out |= _flat(v, f"{prefix}{k}.")
+      out |= flatten(v, f"{prefix}{k}.")
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -99,7 +100,7 @@ def config_conflicts(saved: dict, current: dict) -> list[str]:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Every config key whose value differs (the candidates when the state does not fit)."""
-  a, b = _flat(saved), _flat(current)
+  a, b = flatten(saved), flatten(current)
   return [
     f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}"
     for k in sorted(set(a) | set(b))
@@ -329,8 +330,7 @@ def restore_weights(
   whose meta has per-part fingerprints is verified on the part read; an older one (a
   single fingerprint of the whole state) on the whole state, read spread over devices.
   """
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+  with _reader(directory) as mngr:
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(
@@ -363,6 +363,34 @@ def restore_weights(
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         _warn_damaged(directory, step, e)
   raise ValueError(f"every checkpoint in {directory} is damaged: train again or sample another.")
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager over a training run's checkpoints. Every item is named (the data
+  iterator's too, though readers never restore it) so that orbax does not warn about it."""
+  handlers = {
+    "state": ocp.PyTreeCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+  }
+  options = ocp.CheckpointManagerOptions(create=False)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def newest_meta(directory: str) -> tuple[int, dict] | None:
+  """(step, meta) of the newest checkpoint in `directory` whose meta reads back (the config
+  and dataset the run was trained with), or None when there is none; nothing is moved."""
+  if not storage.exists(directory):
+    return None
+  with _reader(directory) as mngr:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
+        _warn_damaged(directory, step, e)
+        continue
+      return step, meta
+  return None
 
 
 def _has_arrays(tree: Any) -> bool:

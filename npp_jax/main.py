@@ -9,8 +9,9 @@ import os
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
-from npp_jax import cli, compile_cache, config_lib, storage
+from npp_jax import cli, compile_cache, config_lib, run_config, storage
 from npp_jax.jobs import evaluate, extract, sample, train
 
 JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}
@@ -43,6 +44,9 @@ def main(argv):
     jax.devices()[0].platform,
     jax.process_count(),
   )
+  if c.mode in ("sample", "eval"):
+    # A training run's model, tokenizer and data come from what it stored, not the flags.
+    run_config.adopt(c, workdir, config_flags.get_override_values(flags.FLAGS["config"]))
   out = JOBS[c.mode](c, workdir)
   if c.mode == "train":
     log.info("finished at step %d: %s", out["step"], out["metrics"])

@@ -1,5 +1,6 @@
 """`mode=sample`: PNG grid, ADM-format npz, resume without redoing batches, weight sources."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import params_io, torch_io
+from npp_jax import params_io, run_config, torch_io
 from npp_jax.jobs import sample, train
 from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig
@@ -33,8 +34,11 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   c = _sample_config(data)
   train.run(c, str(wd))
   out = sample.run(c, str(wd))
-  png = Image.open(out["png"])
-  assert png.size == (2 * 10 + 2, 3 * 10 + 2)  # 2 columns x 3 class rows of 8x8 + borders
+  png = np.asarray(Image.open(out["png"]).convert("L"))
+  # 2 columns x 3 class rows of 8x8 + borders, after a strip with each row's label.
+  margin = png.shape[1] - (2 * 10 + 2)
+  assert png.shape[0] == 3 * 10 + 2 and margin > 0
+  assert png[:, :margin].min() < 128  # the labels are written
   with np.load(out["npz"]) as z:
     arr, labels, tokens = z["arr_0"], z["labels"], z["tokens"]
   assert arr.shape == (40, 8, 8, 3) and arr.dtype == np.uint8
@@ -69,6 +73,70 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
   out3 = sample.run(c, str(wd))
   with np.load(out3["npz"]) as z:
     np.testing.assert_array_equal(z["arr_0"], arr)
+
+
+def test_a_run_is_sampled_without_its_model_flags(tmp_path, caplog):
+  """mode=sample on a training workdir takes the model and data from the run's checkpoint;
+  a flag that contradicts the run is refused, one that only changes how it runs is taken."""
+  data = tmp_path / "data"
+  write_random_dataset(data)
+  wd = tmp_path / "wd"
+  trained = _sample_config(data, **{"model.n_layer": 3, "model.n_head": 4})
+  train.run(trained, str(wd))
+
+  def fresh():
+    c = _sample_config("")  # no data path and the default 2-layer model: none of the run's
+    c.mode = "sample"
+    return c
+
+  c = fresh()
+  caplog.set_level("INFO")
+  changed = run_config.adopt(c, str(wd), {"mode": "sample"})
+  assert sorted(changed) == ["data.path=" + repr(str(data)), "model.n_head=4", "model.n_layer=3"]
+  assert (c.model.n_layer, c.model.n_head, c.data.path) == (3, 4, str(data))
+  out = sample.run(c, str(wd))
+  assert os.path.exists(out["npz"])
+  assert "could not be restored" not in caplog.text  # orbax's warning about the data item
+
+  with pytest.raises(ValueError, match=r"--config.model.n_layer=2 contradicts the run in .*"):
+    run_config.adopt(fresh(), str(wd), {"model.n_layer": 2})
+  c = fresh()
+  c.model.attention = "cudnn"
+  run_config.adopt(c, str(wd), {"model.attention": "cudnn"})
+  assert c.model.attention == "cudnn" and c.model.n_layer == 3
+  c = fresh()
+  c.sample.checkpoint = "elsewhere"  # other weights: the config's model is meant
+  assert run_config.adopt(c, str(wd), {}) == [] and c.model.n_layer == 2
+
+
+def test_the_tokenizer_comes_from_the_extraction(tmp_path):
+  """A run trained on extracted codes names no VQ checkpoint; the extraction recorded it."""
+  codes = tmp_path / "codes"
+  codes.mkdir()
+  tok = {"ch": 32, "ch_mult": [1, 1, 2, 2, 4], "z_channels": 64, "codebook_embed_dim": 8}
+  tok |= {"checkpoint": "/models/vq16", "precision": "float32"}
+  (codes / "extract_settings.json").write_text(json.dumps({"tokenizer": tok}))
+  run = {"tokenizer.name": "vq", "tokenizer.checkpoint": "", "data.path": f"{codes},other"}
+  got = run_config._extraction_tokenizer(run)
+  assert got == {
+    "tokenizer.preset": "VQ-16",
+    "tokenizer.ch": 32,
+    "tokenizer.z_channels": 64,
+    "tokenizer.codebook_embed_dim": 8,
+    "tokenizer.precision": "float32",
+    "tokenizer.checkpoint": "/models/vq16",
+  }
+  assert run_config._extraction_tokenizer({**run, "data.path": str(tmp_path / "none")}) == {}
+
+
+def test_grid_rows_carry_class_names(tmp_path):
+  from npp_jax.data.records import DatasetInfo  # noqa: PLC0415
+
+  c = _sample_config(tmp_path)
+  info = DatasetInfo(num_records=0, grid=8, vocab_size=64, num_classes=3, n_aug=1, tokenizer="vq")
+  dataclasses.replace(info, class_names=("cat", "dog", "owl")).save(str(tmp_path))
+  assert sample.class_names(c, 3) == ["0 cat", "1 dog", "2 owl"]
+  assert sample.class_names(c, 4) == ["0", "1", "2", "3"]  # another dataset: numbers only
 
 
 def _digest(path):
@@ -205,7 +273,8 @@ def test_sample_decodes_with_the_vq_tokenizer(tmp_path, golden_dir):
   c.sample.num_images = 8
   train.run(c, str(tmp_path / "wd"))
   out = sample.run(c, str(tmp_path / "wd"))
-  assert Image.open(out["png"]).size == (2 * 66 + 2, 3 * 66 + 2)
+  width, height = Image.open(out["png"]).size
+  assert height == 3 * 66 + 2 and width > 2 * 66 + 2  # a label strip on the left
   with np.load(out["npz"]) as z:
     assert z["arr_0"].shape == (8, 64, 64, 3) and z["arr_0"].dtype == np.uint8
     assert z["arr_0"].std() > 0

@@ -40,6 +40,7 @@ from npp_jax import (
   tokenizers,
   torch_io,
 )
+from npp_jax.data import records
 from npp_jax.models import gpt_torch
 from npp_jax.models.gpt import GPTConfig, abstract_params
 
@@ -161,11 +162,13 @@ def _labels(c: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
   return rng.integers(0, num_classes, c.sample.num_images).astype(np.int32)
 
 
-def _grid_png(images: np.ndarray, rows: int, scale: int) -> bytes:
+def _grid_png(images: np.ndarray, names: list[str], scale: int) -> bytes:
+  """One row per class of `images` (rows of equal length), its name written to the left."""
   import io  # noqa: PLC0415
 
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
 
+  rows = len(names)
   n, h, w, _ = images.shape
   cols = n // rows
   canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
@@ -174,12 +177,35 @@ def _grid_png(images: np.ndarray, rows: int, scale: int) -> bytes:
     canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = (
       images[i]
     )
-  img = Image.fromarray(canvas)
+  grid = Image.fromarray(canvas)
   if scale > 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+  row_h = (h + 2) * scale
+  font = ImageFont.load_default(size=max(8, min(14, row_h - 2)))
+  labels = [name if len(name) <= 24 else name[:23] + "…" for name in names]
+  margin = 6 + max(int(font.getlength(t)) for t in labels)
+  img = Image.new("RGB", (grid.width + margin, grid.height), "white")
+  img.paste(grid, (margin, 0))
+  draw = ImageDraw.Draw(img)
+  for r, text in enumerate(labels):
+    draw.text((3, 2 * scale + r * row_h + row_h // 2), text, fill="black", font=font, anchor="lm")
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   return buf.getvalue()
+
+
+def class_names(c: ml_collections.ConfigDict, num_classes: int) -> list[str]:
+  """Label k's name as the dataset recorded it (`dataset.json`), else the label itself."""
+  names: tuple[str, ...] = ()
+  first = next((p.strip() for p in c.data.path.split(",") if p.strip()), "")
+  if c.data.name != "mnist" and first:
+    try:
+      names = records.DatasetInfo.load(first).class_names
+    except (OSError, ValueError) as e:
+      log.info("no class names (%s): the grid's rows are labelled by number", e)
+  if len(names) != num_classes:
+    return [str(k) for k in range(num_classes)]
+  return [f"{k} {name}" for k, name in enumerate(names)]
 
 
 def check_request(c: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -232,17 +258,22 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   grid_labels = np.repeat(np.asarray(classes, np.int32), s.png_per_class)
   pad = (-len(grid_labels)) % dp
   padded = np.concatenate([grid_labels, np.zeros(pad, np.int32)])
+  if lead:
+    log.info("sampling the grid: %d classes x %d images (one batch)", len(classes), s.png_per_class)
+  t0 = time.perf_counter()
   toks = sampling.generate(params, cfg, padded, jax.random.fold_in(key, 1 << 20), **sampler)
   rows, local = sharding.local_rows(toks)
   images = _gather_rows(rows, decode(local), len(padded))[: len(grid_labels)]
   png = storage.join(out_dir, "samples.png")
   if lead:
-    data = _grid_png(images, len(classes), s.png_scale)
+    names = class_names(c, cfg.num_classes)
+    data = _grid_png(images, [names[k] for k in classes], s.png_scale)
     storage.write_bytes(png, data)
     storage.write_bytes(storage.join(storage.absolute(workdir), "samples.png"), data)
     log.info(
-      "wrote %s (%d classes x %d samples, cfg scale %s)",
+      "wrote %s in %.1f s (compile included; %d classes x %d samples, cfg scale %s)",
       png,
+      time.perf_counter() - t0,
       len(classes),
       s.png_per_class,
       s.cfg_scale,
