@@ -1,5 +1,7 @@
 """npp_jax: Next Patch Prediction for autoregressive image generation, in JAX/Flax."""
 
+import pathlib
+
 import setuptools
 
 CORE = [
@@ -50,6 +52,8 @@ EXTRAS = {
   "notebook": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.7"],
   # `make test` lints the code and checks the import contract in pyproject.toml.
   "lint": ["ruff>=0.6", "import-linter>=2.1"],
+  # Building the wheel and sdist and checking them for the package index (a test does).
+  "release": ["build>=1.2", "twine>=5.0"],
 }
 # Everything `make test` and `make demo` need. torch stays out on purpose (see
 # above); CI installs the CPU build itself.
@@ -61,6 +65,7 @@ EXTRAS["dev"] = sorted(
     + EXTRAS["plot"]
     + EXTRAS["gcs"]
     + EXTRAS["notebook"]
+    + EXTRAS["release"]
   )
 )
 
@@ -69,6 +74,8 @@ setuptools.setup(
   license="MIT",
   version="0.1.0",
   description="Next Patch Prediction (NPP) for LlamaGen autoregressive image generation in JAX",
+  long_description=pathlib.Path(__file__).with_name("README.md").read_text(),
+  long_description_content_type="text/markdown",
   packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
   python_requires=">=3.10",
   install_requires=CORE,

@@ -1,15 +1,19 @@
 """What the command lines share: logging set-up, and bad input as one line on stderr."""
 
+import contextlib
 import logging
+import math
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import checkpoint, config_lib, preemption
+from npp_jax import checkpoint, config_lib, preemption, storage
 
 # What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
 # NPP_TRACEBACK=1 shows the traceback instead.
@@ -33,6 +37,66 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.propagate = False
+
+
+class WorkdirLog(logging.FileHandler):
+  """npp_jax's log in WORKDIR/logs/, one file per run and host, so that a pod job's log
+  outlives its machines. In a bucket the file is written locally and uploaded whole at
+  most every `upload_every_s` seconds and when logging shuts down (objects cannot grow)."""
+
+  def __init__(self, workdir: str, mode: str, process: int, upload_every_s: float = 60.0):
+    name = f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    name += f"-host{process}.log" if process else ".log"
+    self.path = storage.join(workdir, "logs", name)
+    self.remote = storage.is_remote(self.path)
+    if self.remote:
+      local = os.path.join(tempfile.mkdtemp(prefix="npp_jax_log_"), storage.basename(self.path))
+    else:
+      storage.makedirs(os.path.dirname(self.path))
+      local = self.path
+    super().__init__(local, encoding="utf-8")
+    self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    self.upload_every_s, self._uploaded = upload_every_s, -math.inf
+
+  def emit(self, record: logging.LogRecord) -> None:
+    super().emit(record)
+    if self.remote and time.monotonic() - self._uploaded > self.upload_every_s:
+      self._upload()
+
+  def close(self) -> None:
+    super().close()
+    if self.remote:
+      self._upload()
+
+  def _upload(self) -> None:
+    self._uploaded = time.monotonic()
+    try:
+      storage.copy(self.baseFilename, self.path)
+    except Exception as e:  # noqa: BLE001 (a lost log upload must not stop the job)
+      print(f"warning: could not upload the log to {self.path}: {e}", file=sys.stderr)
+
+
+def log_to_workdir(workdir: str, mode: str, process: int) -> WorkdirLog:
+  """Adds a WorkdirLog to npp_jax's logger (every host its own file); returns it."""
+  handler = WorkdirLog(workdir, mode, process)
+  logging.getLogger("npp_jax").addHandler(handler)
+  logging.getLogger("npp_jax").info("log file: %s; command: %s", handler.path, " ".join(sys.argv))
+  return handler
+
+
+def _to_log_files(line: str) -> None:
+  """The last line of a failed run goes to its log file too (stderr has it already)."""
+  for handler in logging.getLogger("npp_jax").handlers:
+    if isinstance(handler, WorkdirLog):
+      with contextlib.suppress(Exception):
+        handler.emit(logging.LogRecord("npp_jax", logging.ERROR, "", 0, line, None, None))
+
+
+def _close_log_files() -> None:
+  logger = logging.getLogger("npp_jax")
+  for handler in [h for h in logger.handlers if isinstance(h, WorkdirLog)]:
+    logger.removeHandler(handler)
+    handler.close()
 
 
 def define_config_flags(workdir_help: str | None) -> None:
@@ -70,11 +134,18 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except preemption.StoppedBySignalError as e:
       print(f"stopped: {e}", file=sys.stderr)
+      _to_log_files(f"stopped: {e}")
       sys.exit(e.exit_status)
     except USER_ERRORS as e:
+      _to_log_files(f"error: {e}")
       if os.environ.get("NPP_TRACEBACK") == "1":
         raise
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except Exception as e:
+      _to_log_files(f"failed: {type(e).__name__}: {e}")
+      raise
+    finally:
+      _close_log_files()  # uploaded now, while the storage clients still run
 
   app.run(_main, flags_parser=_parse_flags)

@@ -100,6 +100,7 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.train.device_memory_gib = 0.0
   # (start, end): a jax.profiler trace of steps start+1..end in WORKDIR/profile; (): none.
   c.train.profile_steps = ()
+  c.train.progress_bar = False  # a tqdm bar over the steps (process 0) beside the log lines
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -37,6 +37,7 @@ def main(argv):
       ) from None
   workdir = storage.absolute(flags.FLAGS.workdir)  # local -> absolute; gs://... as given
   storage.makedirs(workdir)
+  cli.log_to_workdir(workdir, c.mode, jax.process_index())
   compile_cache.enable(c.compile_cache, workdir)
   log.info(
     "devices: %d (%s), processes: %d",

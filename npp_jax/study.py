@@ -129,7 +129,7 @@ def plot(runs: list[dict], table: list[dict], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
   except ImportError:
-    log.warning("matplotlib is not installed (pip install 'npp_jax[plot]'): no %s", path)
+    log.warning("matplotlib is not installed (pip install -e '.[plot]' in the clone): no %s", path)
     return False
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   names = list(dict.fromkeys(r["schedule"] for r in runs))
@@ -171,6 +171,7 @@ def main(argv):
   config_lib.check_study(c)
   root = storage.absolute(flags.FLAGS.workdir)
   storage.makedirs(root)
+  cli.log_to_workdir(root, "study", 0)
   run_study(c, root)
 
 

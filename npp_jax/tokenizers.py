@@ -36,7 +36,7 @@ def load_vq(c: ml_collections.ConfigDict) -> tuple[VQConfig, Any]:
   if not source:
     raise ValueError(
       "tokenizer.checkpoint is empty: give the VQ tokenizer (vq_ds16_c2i.pt, or the directory "
-      "written by `python -m npp_jax.convert vq`)."
+      "written by `python -m npp_jax.convert vq`; where to get it: README, 'Files from outside')."
     )
   cfg = vq_config(c)
   if storage.isdir(source):

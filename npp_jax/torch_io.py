@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from npp_jax import storage
+from npp_jax import digests, storage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _import_torch():
     import torch  # noqa: PLC0415 (optional dependency, imported lazily)
   except ImportError as e:
     raise ImportError(
-      "reading a PyTorch .pt/.pth file needs PyTorch: `pip install 'npp_jax[torch]'` (on a "
+      "reading a PyTorch .pt/.pth file needs PyTorch: `pip install -e '.[torch]'` in the "
+      "npp_jax clone (on a "
       "CPU-only machine `pip install torch==2.13.0` or the CPU wheel index), or convert the "
       "file to .npz/.safetensors elsewhere."
     ) from e
@@ -160,6 +161,7 @@ def load_torch_checkpoint(
     raise ValueError(
       f"unknown checkpoint format {ext!r} for {path}; use .pt, .pth, .npz or .safetensors."
     )
+  digests.check(path, "checkpoint")
   torch = _import_torch() if ext not in (".npz", ".safetensors") else None
   try:
     if torch is not None:

@@ -156,6 +156,11 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path):
   assert {"samples", "samples.png", "eval.json", "classifier.npz"} <= top
   assert any(n.startswith("events.") for n in storage.listdir(f"{run}/tensorboard"))
   assert storage.listdir(f"{run}/compile_cache")
+  # Each run's log is in the bucket: the killed one's up to its last upload.
+  logs = sorted(storage.listdir(f"{run}/logs"))
+  assert [n.split("-")[0] for n in logs] == ["eval", "sample", "train", "train"], logs
+  resumed = storage.read_text(f"{run}/logs/{logs[-1]}")
+  assert "resumed from step" in resumed and "finished at step 210" in resumed
   _no_gs_folder(cwd, tmp_path, ROOT)
 
 

@@ -132,7 +132,7 @@ def _leaves(c, prefix=""):
       yield path, v
 
 
-def test_command_line_errors_are_one_line():
+def test_command_line_errors_are_one_line(tmp_path):
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
@@ -145,10 +145,15 @@ def test_command_line_errors_are_one_line():
   ):
     cmd = [sys.executable, "-m", "npp_jax.main", f"--config={CONFIGS / 'b.py'}"]
     res = subprocess.run(
-      [*cmd, "--workdir=/tmp/npp_cli_errors", *args], capture_output=True, text=True, timeout=300
+      [*cmd, f"--workdir={tmp_path}", *args], capture_output=True, text=True, timeout=300
     )
     assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-500:])
     assert "Traceback" not in res.stderr, args
+  # The run that reached its job left its log, the command and the error in it.
+  (log,) = (tmp_path / "logs").iterdir()
+  text = log.read_text()
+  assert log.name.startswith("train-") and "command: " in text, text
+  assert "ERROR error: config.data.path is empty" in text, text
 
 
 def test_a_broken_config_file_and_a_missing_cluster_are_one_line(tmp_path):

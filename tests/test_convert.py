@@ -198,7 +198,7 @@ def test_pt_without_torch_names_the_extra(monkeypatch, golden_dir):
 
   monkeypatch.setattr(builtins, "__import__", no_torch)
   monkeypatch.delitem(sys.modules, "torch", raising=False)
-  with pytest.raises(ImportError, match=r"npp_jax\[torch\]"):
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[torch\]'. in the npp_jax clone"):
     torch_io.load_torch_checkpoint(str(golden_dir / "gpt_tiny.pt"))
 
 

@@ -395,11 +395,14 @@ def test_parameter_overview_comes_from_shapes_alone(caplog):
   assert "Total: 110,888,448" in text or "Total: 110888448" in text
 
 
-def test_profile_steps_writes_a_trace_of_those_steps(data_dir, tmp_path, caplog):
+def test_profile_steps_writes_a_trace_of_those_steps(data_dir, tmp_path, caplog, capsys):
   c = tiny_config(data_dir, **{"train.max_steps": 5, "train.profile_steps": (2, 4)})
+  c.train.progress_bar = True
   wd = tmp_path / "wd"
   with caplog.at_level(logging.INFO):
     train.run(c, str(wd))
+  bar = capsys.readouterr().err
+  assert "training: 100%" in bar and "5/5" in bar and "loss=" in bar, bar[-500:]
   traces = list((wd / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
   assert "profiling steps 3-4 into" in caplog.text

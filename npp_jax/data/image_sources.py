@@ -42,7 +42,7 @@ class TfdsItems:
       import tensorflow_datasets as tfds  # noqa: PLC0415 (the optional `data` extra)
     except ImportError as e:
       raise ImportError(
-        "reading tfds datasets needs `pip install 'npp_jax[data]'` "
+        "reading tfds datasets needs `pip install -e '.[data]'` in the npp_jax clone "
         "(tensorflow-datasets and tensorflow); or use an ImageFolder."
       ) from e
     try:

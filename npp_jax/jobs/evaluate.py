@@ -42,12 +42,14 @@ def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
   if not e.reference:
     raise ValueError(
       "config.eval.reference is empty: give the ADM reference batch "
-      "(VIRTUAL_imagenet256_labeled.npz) or an npz of reference images `arr_0`."
+      "(VIRTUAL_imagenet256_labeled.npz; where to get it: README, 'Files from outside') or "
+      "an npz of reference images `arr_0`."
     )
   if not e.inception_checkpoint:
     raise ValueError(
       "config.eval.inception_checkpoint is empty: give pytorch-fid's "
-      "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time)."
+      "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time; where to get it: "
+      "README, 'Files from outside')."
     )
   samples_path = e.samples or sample_batches.latest_samples(workdir)
   samples = sample_batches.NpzImages(samples_path, "sample batch")  # read a batch at a time

@@ -210,24 +210,96 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainer = Trainer(c, workdir)
-  plan, cfg = trainer.plan, trainer.cfg
+  plan = trainer.plan
   # Every remaining stage's step is compiled (and checked to fit the devices' memory)
-  # before any state is restored or any step runs; the training clock starts after.
+  # before any state is restored or any step runs; the training clock starts after, so
+  # neither the throughput nor the ETA counts compile time.
   latest = max(checkpoint.saved_steps(trainer.workdir), default=0)
   trainer.compile_stages(plan.stage(min(latest, plan.total_steps - 1)))
   ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
   writer = metric_writer.MetricWriter(trainer.workdir)
-  config_dict = checkpoint.config_to_dict(c)
+  start, state, meta = _restore_or_init(trainer, ckpt, writer)
+  resumed_from = start if meta else None
+  last_saved, stopped = resumed_from, None
+  clock = _Clock(float(meta.get("train_seconds", 0.0)))
+  progress = _Progress(trainer, start)
+  trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
+  pending: list = []  # (step, patch side, metrics) not yet checked to be finite
+  with preemption.PreemptionGuard() as guard:
+    try:
+      for done in range(start + 1, plan.total_steps + 1):
+        stage = plan.stage(done - 1)
+        side = plan.patch_sides[stage]
+        batch = trainer.global_batch(next(trainer.data_iter))
+        trace.before_step(done - 1)
+        state, m = trainer.step(side, state, batch)
+        pending.append((done, side, m))
+        trace.after_step(done, m)
+        progress.advance()
+        row: dict[str, Any] = {}
+        if done % c.train.log_every_steps == 0 or done == plan.total_steps:
+          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
+          row = progress.measure(done, stage, side, m)
+        if c.train.eval_every_steps and (
+          done % c.train.eval_every_steps == 0 or done == plan.total_steps
+        ):
+          row["eval/ntp_loss"], seconds = clock.paused(trainer.heldout_loss, state.params)
+          progress.throughput.exclude(seconds)
+        if row:
+          row |= {"train_flops": plan.flops_until(done), "train_seconds": clock.seconds()}
+          writer.write(done, row)
+          progress.report(done, row)
+        stop = guard.should_stop(done)
+        boundary = done in plan.stage_end_steps or done == plan.total_steps
+        if stop or boundary or done % c.train.ckpt_every_steps == 0:
+          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
+          writer.flush()  # every row up to this checkpoint is written before it
+          ckpt.save(done, state, trainer.data_iter, _checkpoint_meta(trainer, done, clock))
+          last_saved = done
+        if stop:
+          stopped = guard.received
+          log.warning(
+            "stopped by %s at step %d/%d; checkpoint saved in %s/checkpoints: run the "
+            "same command to resume",
+            *(stopped, done, plan.total_steps, trainer.workdir),
+          )
+          break
+      _check_finite(pending, trainer.workdir, last_saved, resumed_from)
+    finally:
+      trace.stop()  # a run that ends inside the traced steps still writes its trace
+      progress.close()
+      ckpt.close()
+      writer.close()
+  return {
+    "step": int(jax.device_get(state.step)),
+    "metrics": progress.last,
+    "compile_log": trainer.compile_log,
+    "state": state,
+    "plan": plan,
+    "cfg": trainer.cfg,
+    "resumed_from": resumed_from,
+    "stopped_by": stopped,
+  }
 
-  abstract = checkpoint.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding)
-  dataset = {
-    **{k: getattr(trainer.info, k) for k in ("num_records", "grid", "vocab_size", "num_classes")},
-    "n_aug": trainer.info.n_aug,
-    "steps_per_epoch": plan.steps_per_epoch,
+
+def _dataset_record(trainer: Trainer) -> dict[str, Any]:
+  """What of the dataset a checkpoint must be continued with (checkpoint.DATASET_KEYS)."""
+  info = trainer.info
+  return {
+    **{k: getattr(info, k) for k in ("num_records", "grid", "vocab_size", "num_classes")},
+    "n_aug": info.n_aug,
+    "steps_per_epoch": trainer.plan.steps_per_epoch,
     "extractions": len(trainer.data_dirs),
   }
-  restored = ckpt.restore_latest(abstract, trainer.data_iter, config_dict, dataset)
-  resumed_from = restored[0] if restored is not None else None
+
+
+def _restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) -> tuple:
+  """(start step, state, meta of the restored checkpoint or {}): the newest intact
+  checkpoint (metrics after it dropped), else a fresh state."""
+  c, plan = trainer.c, trainer.plan
+  abstract = checkpoint.abstract_with_sharding(trainer.abstract_state, trainer.state_sharding)
+  config = checkpoint.config_to_dict(c)
+  restored = ckpt.restore_latest(abstract, trainer.data_iter, config, _dataset_record(trainer))
   if restored is not None:
     start, state, meta = restored
     writer.truncate_after(start)
@@ -235,141 +307,112 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "resumed from step %d (stage %d, patch side %d)", start, meta["stage"], meta["patch_side"]
     )
   else:
-    start, state = 0, trainer.fresh_state()
+    start, state, meta = 0, trainer.fresh_state(), {}
     _log_overview(trainer.abstract_state.params)
   log.info(
     "training %s: %d steps (%d per epoch, stages end at epochs %s with patch sides %s), "
     "global batch %d on mesh %s",
-    "GPT-" + c.model.preset,
-    plan.total_steps,
-    plan.steps_per_epoch,
-    plan.stage_end_epochs,
-    plan.patch_sides,
-    c.train.global_batch_size,
-    dict(trainer.mesh.shape),
+    *("GPT-" + c.model.preset, plan.total_steps, plan.steps_per_epoch, plan.stage_end_epochs),
+    *(plan.patch_sides, c.train.global_batch_size, dict(trainer.mesh.shape)),
   )
+  return start, state, meta
 
-  throughput = metric_writer.Throughput(start, plan.flops_until(start))
-  eta = metric_writer.StageEta(plan.stage_end_steps, plan.stage_step_flops)
-  # Wall-clock time in the training loop (compiles and saves included, held-out
-  # evaluation not), carried across resumes.
-  train_seconds = float(meta.get("train_seconds", 0.0)) if restored is not None else 0.0
-  clock = time.perf_counter()
-  pending: list = []
-  last_saved = start if restored is not None else None
-  last_metrics: dict[str, Any] = {}
-  gb = c.train.global_batch_size
-  step = start
-  stopped = None
-  trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
-  with preemption.PreemptionGuard() as guard:
-    try:
-      for step in range(start, plan.total_steps):
-        stage = plan.stage(step)
-        side = plan.patch_sides[stage]
-        batch = trainer.global_batch(next(trainer.data_iter))
-        trace.before_step(step)
-        state, m = trainer.step(side, state, batch)
-        pending.append((step + 1, side, m))
-        done = step + 1
-        trace.after_step(done, m)
-        row: dict[str, Any] = {}
-        if done % c.train.log_every_steps == 0 or done == plan.total_steps:
-          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-          tokens = gb * (cfg.grid // side) ** 2
-          rates = throughput.update(done, gb, tokens, plan.flops_until(done))
-          eta.observe(stage, rates["flops_per_sec"])
-          if (mfu := hardware.mfu(rates["flops_per_sec"])) is not None:
-            rates["mfu"] = mfu
-          rates["eta_sec"] = eta.seconds_left(done, plan.total_steps)
-          row = last_metrics = {
-            "loss": float(m["loss"]),
-            "lr": float(m["lr"]),
-            "grad_norm": float(m["grad_norm"]),
-            "patch_side": side,
-            "stage": stage,
-            "epoch": done / plan.steps_per_epoch,
-            **rates,
-          }
-        if c.train.eval_every_steps and (
-          done % c.train.eval_every_steps == 0 or done == plan.total_steps
-        ):
-          t_eval = time.perf_counter()
-          train_seconds += t_eval - clock
-          row["eval/ntp_loss"] = trainer.heldout_loss(state.params)
-          clock = time.perf_counter()
-          throughput.exclude(clock - t_eval)
-        if row:
-          train_seconds += time.perf_counter() - clock
-          clock = time.perf_counter()
-          row |= {"train_flops": plan.flops_until(done), "train_seconds": train_seconds}
-          writer.write(done, row)
-        if "loss" in row:
-          log.info(
-            "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
-            "%.2f steps/s %.1f img/s%s | ETA %s",
-            done,
-            plan.total_steps,
-            stage,
-            side,
-            side,
-            last_metrics["loss"],
-            last_metrics["lr"],
-            last_metrics["grad_norm"],
-            rates["steps_per_sec"],
-            rates["images_per_sec"],
-            f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else "",
-            metric_writer.format_duration(rates["eta_sec"]),
-          )
-        if "eval/ntp_loss" in row:
-          log.info("step %d | held-out next-token loss %.4f", done, row["eval/ntp_loss"])
-        boundary = done in plan.stage_end_steps or done == plan.total_steps
-        stop = guard.should_stop(done)
-        if boundary or stop or done % c.train.ckpt_every_steps == 0:
-          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-          writer.flush()  # every row up to this checkpoint is written before it
-          next_stage = plan.stage(done) if done < plan.total_steps else stage
-          ckpt.save(
-            done,
-            state,
-            trainer.data_iter,
-            {
-              "step": done,
-              "stage": next_stage,
-              "patch_side": plan.patch_sides[next_stage],
-              "config": config_dict,
-              "model": cfg.to_dict(),
-              "dataset": dataset,
-              "train_seconds": train_seconds + time.perf_counter() - clock,
-            },
-          )
-          last_saved = done
-        if stop:
-          stopped = guard.received
-          log.warning(
-            "stopped by %s at step %d/%d; checkpoint saved in %s/checkpoints: run the "
-            "same command to resume",
-            stopped,
-            done,
-            plan.total_steps,
-            trainer.workdir,
-          )
-          break
-      _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-    finally:
-      trace.stop()  # a run that ends inside the traced steps still writes its trace
-      ckpt.close()
-      writer.close()
+
+def _checkpoint_meta(trainer: Trainer, done: int, clock: "_Clock") -> dict[str, Any]:
+  """What a checkpoint at step `done` records beside the state: the stage to continue
+  with, the config and dataset it must be continued with, the training time so far."""
+  plan = trainer.plan
+  stage = plan.stage(min(done, plan.total_steps - 1))
   return {
-    "step": int(jax.device_get(state.step)),
-    "metrics": last_metrics,
-    "compile_log": trainer.compile_log,
-    "state": state,
-    "plan": plan,
-    "cfg": cfg,
-    "resumed_from": resumed_from,
-    "stopped_by": stopped,
+    "step": done,
+    "stage": stage,
+    "patch_side": plan.patch_sides[stage],
+    "config": checkpoint.config_to_dict(trainer.c),
+    "model": trainer.cfg.to_dict(),
+    "dataset": _dataset_record(trainer),
+    "train_seconds": clock.seconds(),
   }
+
+
+class _Clock:
+  """Wall-clock seconds in the training loop, carried across resumes, with held-out
+  evaluations paused out."""
+
+  def __init__(self, seconds: float):
+    self._since = time.perf_counter() - seconds
+
+  def seconds(self) -> float:
+    return time.perf_counter() - self._since
+
+  def paused(self, fn: Any, *args: Any) -> tuple[Any, float]:
+    """(fn(*args), the seconds it took, which the clock does not count)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    took = time.perf_counter() - t0
+    self._since += took
+    return out, took
+
+
+class _Progress:
+  """Throughput, MFU and ETA of the logged steps, their log line, and the optional
+  progress bar (`train.progress_bar`, process 0)."""
+
+  def __init__(self, trainer: Trainer, start: int):
+    self.trainer, plan = trainer, trainer.plan
+    self.throughput = metric_writer.Throughput(start, plan.flops_until(start))
+    self.eta = metric_writer.StageEta(plan.stage_end_steps, plan.stage_step_flops)
+    self.last: dict[str, Any] = {}
+    self.bar = None
+    if trainer.c.train.progress_bar and jax.process_index() == 0:
+      from tqdm import tqdm  # noqa: PLC0415
+
+      self.bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step")
+
+  def advance(self) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def measure(self, done: int, stage: int, side: int, m: dict) -> dict[str, Any]:
+    """The logged row of step `done` (its loss, lr, rates, ETA)."""
+    plan, gb = self.trainer.plan, self.trainer.c.train.global_batch_size
+    grid = self.trainer.cfg.grid
+    rates = self.throughput.update(done, gb, gb * (grid // side) ** 2, plan.flops_until(done))
+    self.eta.observe(stage, rates["flops_per_sec"])
+    if (mfu := hardware.mfu(rates["flops_per_sec"])) is not None:
+      rates["mfu"] = mfu
+    rates["eta_sec"] = self.eta.seconds_left(done, plan.total_steps)
+    return {
+      "loss": float(m["loss"]),
+      "lr": float(m["lr"]),
+      "grad_norm": float(m["grad_norm"]),
+      "patch_side": side,
+      "stage": stage,
+      "epoch": done / plan.steps_per_epoch,
+      **rates,
+    }
+
+  def report(self, done: int, row: dict[str, Any]) -> None:
+    """The log line(s) of a written row (and the bar's loss and ETA)."""
+    total = self.trainer.plan.total_steps
+    if "loss" in row:
+      self.last = row
+      side, eta = row["patch_side"], metric_writer.format_duration(row["eta_sec"])
+      log.info(
+        "step %d/%d | stage %d (patch %dx%d) | loss %.4f | lr %.3g | grad norm %.3f | "
+        "%.2f steps/s %.1f img/s%s | ETA %s",
+        *(done, total, row["stage"], side, side, row["loss"], row["lr"], row["grad_norm"]),
+        *(row["steps_per_sec"], row["images_per_sec"]),
+        f" | MFU {row['mfu']:.1%}" if "mfu" in row else "",
+        eta,
+      )
+      if self.bar is not None:
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", patch=side, eta=eta)
+    if "eval/ntp_loss" in row:
+      log.info("step %d | held-out next-token loss %.4f", done, row["eval/ntp_loss"])
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def _log_overview(abstract_params: Any) -> None:
