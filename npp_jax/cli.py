@@ -108,9 +108,11 @@ def define_config_flags(workdir_help: str | None) -> None:
   """
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.mark_flag_as_required("config")
+  flags.DEFINE_bool(
+    "print_config", False, "Print every config key with its value and meaning, and exit."
+  )
   if workdir_help is not None:
-    flags.DEFINE_string("workdir", None, workdir_help)
-    flags.mark_flag_as_required("workdir")
+    flags.DEFINE_string("workdir", None, workdir_help + " (required)")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -130,6 +132,11 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def _main(argv):
     setup_logging()
+    if flags.FLAGS.print_config:
+      print(config_lib.describe(flags.FLAGS.config))
+      return
+    if "workdir" in flags.FLAGS and not flags.FLAGS.workdir:
+      raise app.UsageError("--workdir is required (or --print_config to list the config).")
     try:
       main(argv)
     except preemption.StoppedBySignalError as e:

@@ -6,7 +6,10 @@ ml_collections' syntax, e.g. `--config.optim.lr=2e-4 --config.tokenizer.preset=V
 """
 
 import dataclasses
+import inspect
+import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -40,7 +43,7 @@ def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
     if fields[name] is None:
       fields[name] = config_dict.placeholder(kind)
   d = ml_collections.ConfigDict(fields)
-  d.preset = preset
+  d.preset = preset  # the size (B, L, ...); "custom" for a shape of your own
   return d
 
 
@@ -51,7 +54,7 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.mode = "train"  # one of MODES: which job `python -m npp_jax.main` runs
-  c.seed = 0
+  c.seed = 0  # initialisation, data order and dropout
   # Call jax.distributed.initialize() first (multi-host); NPP_DISTRIBUTED=1 does the same.
   c.distributed = False
   # Load .pt files that pickle objects besides tensors (they can run code): only for
@@ -70,29 +73,29 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # commas, are extractions of the same images (e.g. crop ranges 1.1 and 1.05, as the
   # reference trains) mixed per example with `weights` (default: equal).
   c.data.path = ""
-  c.data.weights = ()
+  c.data.weights = ()  # odds of each extraction in data.path (default: equal)
   # Held-out token dataset for train.eval_every_steps (the embedded digits hold out 500).
   c.data.eval_path = ""
   c.data.name = "imagenet_codes"  # or "mnist": the embedded digits, built on first use
   c.data.worker_count = 0  # grain multiprocessing workers; 0 reads in the main process
-  c.data.prefetch_buffer_size = 4
+  c.data.prefetch_buffer_size = 4  # batches grain prepares ahead
   c.data.cache_dir = ""  # where embedded datasets are written (default: WORKDIR/data)
 
   c.train = ml_collections.ConfigDict()
-  c.train.epochs = 300
-  c.train.global_batch_size = 256
+  c.train.epochs = 300  # passes over the data, all NPP stages together
+  c.train.global_batch_size = 256  # images per step over all devices
   c.train.patch_level = 3  # patch sides [4, 2, 1]
   c.train.epoch_rate = 0.5  # stage k ends at int(epochs * rate ** (L-1-k))
-  c.train.grad_accum_steps = 1
+  c.train.grad_accum_steps = 1  # micro-batches per step (same result, less memory)
   c.train.ema_decay = 0.0  # 0 disables EMA
-  c.train.log_every_steps = 50
-  c.train.ckpt_every_steps = 5000
-  c.train.keep_checkpoints = 3
+  c.train.log_every_steps = 50  # metrics.jsonl row and log line every this many steps
+  c.train.ckpt_every_steps = 5000  # checkpoint every this many steps (and at stage ends)
+  c.train.keep_checkpoints = 3  # newest checkpoints kept
   c.train.max_steps = -1  # stop early (for smoke runs); -1 trains the whole schedule
   # Every this many steps, the next-token loss (patch side 1) on eval_batches held-out
   # batches, comparable across stages and schedules (0: off).
   c.train.eval_every_steps = 0
-  c.train.eval_batches = 4
+  c.train.eval_batches = 4  # held-out batches per held-out loss
   c.train.init_from = ""  # orbax params directory from `python -m npp_jax.convert`
   # Memory per chip a stage's compiled step may use, in GiB: 0 = the device's own (the
   # runtime's limit, or the data sheet less 5%); a stage that needs more is refused
@@ -103,25 +106,25 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.train.progress_bar = False  # a tqdm bar over the steps (process 0) beside the log lines
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4
-  c.optim.end_lr = 1e-5
-  c.optim.weight_decay = 5e-2
-  c.optim.beta1 = 0.9
-  c.optim.beta2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.grad_clip = 1.0
+  c.optim.lr = 1e-4  # AdamW peak learning rate (per stage, after warm-up)
+  c.optim.end_lr = 1e-5  # learning rate at the end of each stage's decay
+  c.optim.weight_decay = 5e-2  # AdamW weight decay (on >= 2-D params only)
+  c.optim.beta1 = 0.9  # AdamW beta1
+  c.optim.beta2 = 0.95  # AdamW beta2
+  c.optim.eps = 1e-8  # AdamW epsilon
+  c.optim.grad_clip = 1.0  # global gradient-norm clip (0: off)
   c.optim.warmup_epochs = 1.0  # the reference code's default; the paper uses 5
-  c.optim.decay_ratio = 0.2
+  c.optim.decay_ratio = 0.2  # share of each stage over which the lr decays to end_lr
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.name = "vq"  # LlamaGen's VQ tokenizer; "grey" for the embedded demo
   c.tokenizer.preset = "VQ-16"  # or "VQ-8"
   c.tokenizer.checkpoint = ""  # vq_ds16_c2i.pt (or its converted directory)
-  c.tokenizer.codebook_embed_dim = 8
+  c.tokenizer.codebook_embed_dim = 8  # VQ codebook vector size
   # Architecture overrides of the preset (None: the preset's value); the codebook size is
   # always model.vocab_size.
   c.tokenizer.ch = config_dict.placeholder(int)
-  c.tokenizer.z_channels = config_dict.placeholder(int)
+  c.tokenizer.z_channels = config_dict.placeholder(int)  # VQ latent channels (None: the preset's)
   c.tokenizer.levels = 16  # grey levels (grey tokenizer only)
   # Matmul/conv precision of the VQ tokenizer: float32 gives the reference's codes on every
   # platform; "default" lets TPUs use faster bf16 passes.
@@ -130,13 +133,13 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.extract = ml_collections.ConfigDict()
   c.extract.source = "imagefolder"  # or "tfds" (the `data` extra)
   c.extract.data_dir = ""  # ImageFolder root (root/<class>/<image>) or the tfds data_dir
-  c.extract.tfds_name = "imagenet2012"
-  c.extract.split = "train"
+  c.extract.tfds_name = "imagenet2012"  # tfds dataset name (source tfds)
+  c.extract.split = "train"  # tfds split (source tfds)
   c.extract.image_size = 256  # extract at the size you train at (grid = image_size / 16)
   c.extract.ten_crop = True  # 10 crop/flip variants per image; False: center + mirror
-  c.extract.crop_range = 1.1
+  c.extract.crop_range = 1.1  # ten-crop: crops of image_size from a center crop this much larger
   c.extract.out_dir = ""  # default: WORKDIR/codes
-  c.extract.images_per_shard = 1024
+  c.extract.images_per_shard = 1024  # images per ArrayRecord shard
   # Variants per encoder step on a host; 0: 8 per local device (0.75 GiB of activations
   # each at 256 px, so extraction holds under 3 GB on a 1-device CPU host).
   c.extract.batch_size = 0
@@ -151,17 +154,17 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # Layers per iteration of the decoder's layer scan (model.scan_unroll is for training):
   # rolled (1) was faster on the CPU; the accelerator benchmark measures unrolled too.
   c.sample.scan_unroll = 1
-  c.sample.cfg_scale = CFG_SCALES.get(preset, 1.5)
-  c.sample.cfg_interval = -1
-  c.sample.temperature = 1.0
-  c.sample.top_k = 0
-  c.sample.top_p = 1.0
+  c.sample.cfg_scale = CFG_SCALES.get(preset, 1.5)  # classifier-free guidance (1.0: off)
+  c.sample.cfg_interval = -1  # guide only the first this many tokens (-1: all)
+  c.sample.temperature = 1.0  # softmax temperature
+  c.sample.top_k = 0  # sample among the k likeliest tokens (0: all)
+  c.sample.top_p = 1.0  # nucleus sampling mass (1.0: off)
   c.sample.num_images = 50_000  # the ADM evaluator's FID-50k
   c.sample.batch_size = 128  # global; a multiple of the device count
-  c.sample.seed = 0
+  c.sample.seed = 0  # sampling randomness and the drawn labels
   c.sample.png_classes = ()  # classes shown in samples.png (default: the first 10)
-  c.sample.png_per_class = 8
-  c.sample.png_scale = 1
+  c.sample.png_per_class = 8  # images per row of samples.png
+  c.sample.png_scale = 1  # pixel scale of samples.png
 
   c.eval = ml_collections.ConfigDict()
   c.eval.kind = "inception"  # "mnist_classifier" for the embedded demo
@@ -172,21 +175,21 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # Images per Inception step on a host: 128 needs about 1 GiB of activations at 299 px
   # (500, the reference's, took 3.9 GiB on the CPU backend and more with the runtime).
   c.eval.batch_size = 128
-  c.eval.is_split_size = 5000
+  c.eval.is_split_size = 5000  # images per Inception Score split (ADM: 5000)
   c.eval.judge_cache = ""  # the digit judge's weights (default: WORKDIR/classifier.npz)
 
   # `python -m npp_jax.study`: the schedules (1 = next-token prediction) and seeds it
   # trains on the same data and epochs, and the samples each final model is judged on.
   c.study = ml_collections.ConfigDict()
-  c.study.patch_levels = (1, 2, 3)
-  c.study.epoch_rate = 0.5
-  c.study.seeds = (0, 1)
-  c.study.num_images = 200
+  c.study.patch_levels = (1, 2, 3)  # schedules compared (1: next-token prediction)
+  c.study.epoch_rate = 0.5  # NPP stage-end rate of the study's schedules
+  c.study.seeds = (0, 1)  # seeds per schedule
+  c.study.num_images = 200  # samples judged per final model
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.fsdp = 1  # devices the parameters and optimizer state are split over
+  c.mesh.tensor = 1  # devices heads, MLP and vocabulary are split over
   return c
 
 
@@ -392,3 +395,49 @@ def parse_command(
   except (flags.Error, AttributeError, KeyError) as e:
     raise ValueError(f"{flag_error(argv, e)}\n{usage}") from None
   return argv[1], fv
+
+
+def _comments(source: str, pattern: str) -> dict[str, str]:
+  """{key: its comment} for the assignments `pattern` matches in `source`: the comment
+  at the end of the line, else the comment lines right above it."""
+  out, above = {}, []
+  for line in source.splitlines():
+    text = line.strip()
+    if text.startswith("#"):
+      above.append(text.lstrip("# "))
+      continue
+    if m := re.match(pattern, text):
+      comment = text.split("  # ", 1)[1] if "  # " in text else " ".join(above)
+      if comment:
+        out[m.group(1)] = comment
+    above = []
+  return out
+
+
+def key_meanings() -> dict[str, str]:
+  """Every config key's meaning, from the comments of `get_config` and of GPTConfig's
+  fields (stated once, beside the default)."""
+  out = {
+    f"model.{k}": v for k, v in _comments(inspect.getsource(GPTConfig), r"(\w+): [^=]+=").items()
+  }
+  out["model.preset"] = _comments(inspect.getsource(model_config), r"d\.(preset) = ")["preset"]
+  return out | _comments(inspect.getsource(get_config), r"c\.([\w.]+) = ")
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+  """Every key of `c` with its value and meaning, one per line (`--print_config`)."""
+  meanings = key_meanings()
+  values = _flatten(json.loads(c.to_json_best_effort()))
+  lines = []
+  for key, value in values.items():
+    meaning = meanings.get(key, "")
+    first = re.split(r"(?<!e\.g)(?<!i\.e)[.;]\s", meaning, maxsplit=1)[0].rstrip(".")
+    lines.append(f"{key} = {value!r}" + (f"  # {first}" if first else ""))
+  return "\n".join(lines)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+  return out

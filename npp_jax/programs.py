@@ -82,7 +82,9 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, num_records: int | 
       f"train.global_batch_size={gb} is not divisible by the {dp} data-parallel devices "
       f"(mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); use a multiple of {dp}."
     )
-  if k < 1 or (gb // dp) % k:
+  if k < 1:
+    raise ValueError(f"train.grad_accum_steps={k} must be >= 1 (1: no accumulation).")
+  if (gb // dp) % k:
     raise ValueError(
       f"train.grad_accum_steps={k} must divide the per-device batch {gb // dp} "
       f"(global {gb} over {dp} devices)."

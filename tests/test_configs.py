@@ -178,3 +178,24 @@ def test_a_broken_config_file_and_a_missing_cluster_are_one_line(tmp_path):
     )
     assert res.returncode == 2 and message in res.stderr, res.stderr[-800:]
     assert "Traceback" not in res.stderr
+
+
+def test_every_config_key_has_a_meaning_and_print_config_lists_them():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from npp_jax import checkpoint  # noqa: PLC0415
+
+  meanings = config_lib.key_meanings()
+  keys = checkpoint.flatten(checkpoint.config_to_dict(config_lib.get_config("B")))
+  assert sorted(k for k in keys if not meanings.get(k)) == []
+  cmd = [sys.executable, "-m", "npp_jax.main", f"--config={CONFIGS / 'l.py'}", "--print_config"]
+  res = subprocess.run(
+    [*cmd, "--config.model.n_kv_head=4"], capture_output=True, text=True, timeout=300
+  )
+  assert res.returncode == 0, res.stderr[-800:]
+  lines = res.stdout.splitlines()
+  assert len(lines) == len(keys)
+  kv = "model.n_kv_head = 4  # key/value heads for grouped-query attention (None: n_head)"
+  assert kv in lines
+  assert "train.epochs = 300  # passes over the data, all NPP stages together" in lines

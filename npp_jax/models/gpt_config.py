@@ -33,26 +33,26 @@ class GPTConfig:
   `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of params.
   """
 
-  dim: int = 768
-  n_layer: int = 12
-  n_head: int = 12
-  n_kv_head: int | None = None
-  vocab_size: int = 16384
-  num_classes: int = 1000
-  grid: int = 16
-  cls_token_num: int = 1
-  multiple_of: int = 256
-  ffn_dim_multiplier: float | None = None
-  norm_eps: float = 1e-5
-  rope_base: float = 10000.0
-  class_dropout_prob: float = 0.1
-  token_dropout_p: float = 0.1
-  resid_dropout_p: float = 0.1
-  ffn_dropout_p: float = 0.1
-  attn_dropout_p: float = 0.0
-  drop_path_rate: float = 0.0
-  dtype: str = "bfloat16"
-  param_dtype: str = "float32"
+  dim: int = 768  # width of the residual stream
+  n_layer: int = 12  # transformer blocks
+  n_head: int = 12  # attention heads (head size dim / n_head)
+  n_kv_head: int | None = None  # key/value heads for grouped-query attention (None: n_head)
+  vocab_size: int = 16384  # tokenizer codebook size (VQ-16: 16384)
+  num_classes: int = 1000  # class labels (the null class for guidance is one more)
+  grid: int = 16  # tokens per image side (256 px / VQ-16 = 16)
+  cls_token_num: int = 1  # class-condition tokens before the image tokens
+  multiple_of: int = 256  # SwiGLU hidden width is rounded up to a multiple of this
+  ffn_dim_multiplier: float | None = None  # scales the SwiGLU hidden width (None: 8/3 dim)
+  norm_eps: float = 1e-5  # RMSNorm epsilon
+  rope_base: float = 10000.0  # 2D rotary embedding base
+  class_dropout_prob: float = 0.1  # labels dropped to the null class in training (for guidance)
+  token_dropout_p: float = 0.1  # dropout on the token embeddings
+  resid_dropout_p: float = 0.1  # dropout on each block's attention output
+  ffn_dropout_p: float = 0.1  # dropout on each block's MLP output
+  attn_dropout_p: float = 0.0  # dropout on the attention weights
+  drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over the blocks
+  dtype: str = "bfloat16"  # matmul/activation dtype
+  param_dtype: str = "float32"  # storage dtype of the parameters
   # The residual stream between blocks: float32 (default), or the compute dtype for a
   # model run wholly in bf16 (the reference's sampling script).
   residual_dtype: str = "float32"
