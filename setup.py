@@ -47,7 +47,14 @@ EXTRAS = {
   # The study's plot (python -m npp_jax.study).
   "plot": ["matplotlib>=3.7"],
   # The cloud-storage test runs a local GCS emulator (gcp-storage-emulator) on loopback.
-  "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "gcp-storage-emulator>=2024.8"],
+  # scikit-image ships the real photographs of the ImageNet-path test.
+  "test": [
+    "pytest>=8.0",
+    "pytest-xdist>=3.5",
+    "scipy>=1.11",
+    "gcp-storage-emulator>=2024.8",
+    "scikit-image>=0.22",
+  ],
   # Running notebooks/quickstart.ipynb (CI executes it with nbclient on a local kernel).
   "notebook": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "matplotlib>=3.7"],
   # `make test` lints the code and checks the import contract in pyproject.toml.
