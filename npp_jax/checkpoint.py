@@ -12,6 +12,7 @@ Restoring tells two failures apart:
   saved): set aside in `checkpoints_unreadable/` and the previous one is used.
 """
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -201,7 +202,11 @@ class Checkpointer:
       raise ValueError(f"train.keep_checkpoints={keep} must be >= 1.")
     self.directory = storage.join(storage.absolute(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      # A save that storage does not take ends the job instead of hanging it.
+      async_options=ocp.AsyncOptions(timeout_secs=int(storage.DEADLINE_S)),
     )
     # Handlers are named up front so that a checkpoint's metadata (the state's tree of
     # shapes) can be read before anything is restored.
@@ -224,7 +229,22 @@ class Checkpointer:
       data=grain.checkpoint.CheckpointSave(data_iter),
       meta=ocp.args.JsonSave(meta),
     )
-    self.manager.save(step, args=args, force=True)
+    with self._storage_failures(f"saving step {step}"):
+      # orbax's save waits on the bucket (its folders) before it goes asynchronous.
+      storage.call_with_deadline(
+        "save a checkpoint", self.directory, lambda: self.manager.save(step, args=args, force=True)
+      )
+
+  @contextlib.contextmanager
+  def _storage_failures(self, what: str):
+    """orbax's errors from a bucket (tensorstore's, or its async timeout) as StorageError:
+    the job stops on them with one line, as on every other storage failure."""
+    try:
+      yield
+    except Exception as e:
+      if not storage.is_remote(self.directory) or isinstance(e, storage.StorageError):
+        raise
+      raise storage.StorageError(f"{what} in {self.directory} failed: {_short(e)}") from e
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -314,8 +334,8 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._storage_failures("finishing the last save"):
+      storage.call_with_deadline("finish a checkpoint", self.directory, self.manager.close)
 
 
 def restore_weights(

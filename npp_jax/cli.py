@@ -27,6 +27,10 @@ USER_ERRORS = (
 )
 
 
+# The exit status of a job that stopped because storage failed (sysexits' EX_TEMPFAIL).
+STORAGE_EXIT_STATUS = 75
+
+
 def setup_logging() -> None:
   """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING."""
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -70,6 +74,8 @@ class WorkdirLog(logging.FileHandler):
 
   def _upload(self) -> None:
     self._uploaded = time.monotonic()
+    if storage.failed():
+      return  # the job is stopping on that failure; its error line says so
     try:
       storage.copy(self.baseFilename, self.path)
     except Exception as e:  # noqa: BLE001 (a lost log upload must not stop the job)
@@ -139,6 +145,16 @@ def run(main: Callable[[list[str]], None]) -> None:
       raise app.UsageError("--workdir is required (or --print_config to list the config).")
     try:
       main(argv)
+    except storage.StorageError as e:
+      # Its own status (EX_TEMPFAIL): a scheduler may retry once storage is back.
+      print(f"error: storage: {e}", file=sys.stderr)
+      _to_log_files(f"error: storage: {e}")
+      _close_log_files()
+      # At once: threads still waiting on the lost storage (orbax's commit, tensorstore's
+      # retries) would otherwise hold the interpreter's exit for minutes.
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(STORAGE_EXIT_STATUS)
     except preemption.StoppedBySignalError as e:
       print(f"stopped: {e}", file=sys.stderr)
       _to_log_files(f"stopped: {e}")

@@ -63,6 +63,9 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache, so a restart does not recompile every stage:
   # "" = WORKDIR/compile_cache, "off", or a directory (local or gs://) shared by runs.
   c.compile_cache = ""
+  # Seconds one operation on a bucket may take, retries included, before the job stops with
+  # one line (exit status 75) instead of waiting on storage that is gone.
+  c.storage_deadline_s = 300.0
 
   c.model = model_config(preset)
   # The reference's `--mixed-precision bf16`: params float32, matmuls in bf16.
@@ -424,10 +427,10 @@ def key_meanings() -> dict[str, str]:
   return out | _comments(inspect.getsource(get_config), r"c\.([\w.]+) = ")
 
 
-def describe(c: ml_collections.ConfigDict) -> str:
+def describe(config: ml_collections.ConfigDict) -> str:
   """Every key of `c` with its value and meaning, one per line (`--print_config`)."""
   meanings = key_meanings()
-  values = _flatten(json.loads(c.to_json_best_effort()))
+  values = _flatten(json.loads(config.to_json_best_effort()))
   lines = []
   for key, value in values.items():
     meaning = meanings.get(key, "")

@@ -36,6 +36,10 @@ def main(argv):
         "leave both unset."
       ) from None
   workdir = storage.absolute(flags.FLAGS.workdir)  # local -> absolute; gs://... as given
+  storage.set_deadline(c.storage_deadline_s)
+  # A missing or read-only bucket is one line now, not a hang after minutes of compiling.
+  for path in {workdir, c.extract.out_dir if c.mode == "extract" else ""} - {""}:
+    storage.check_writable(path)
   storage.makedirs(workdir)
   cli.log_to_workdir(workdir, c.mode, jax.process_index())
   compile_cache.enable(c.compile_cache, workdir)

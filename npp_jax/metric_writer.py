@@ -7,6 +7,7 @@ Only process 0 writes.
 import json
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -69,8 +70,7 @@ class MetricWriter:
           self._tb.add_scalar(k, v, step)
     if not self.remote:
       storage.append_text(self.path, json.dumps(row) + "\n")
-      if self._tb is not None:
-        self._tb.flush()
+      self._tensorboard("flush")
       return
     self._pending += json.dumps(row) + "\n"
     if time.monotonic() - self._uploaded_at >= self.upload_every_s:
@@ -83,8 +83,7 @@ class MetricWriter:
     if self._pending:
       storage.append_text(self.path, self._pending)
       self._pending = ""
-    if self._tb is not None:
-      self._tb.flush()
+    self._tensorboard("flush")
     self._uploaded_at = time.monotonic()
 
   def truncate_after(self, step: int) -> None:
@@ -95,9 +94,19 @@ class MetricWriter:
     storage.write_text(self.path, "".join(x for x in lines if x.strip() and _row_step(x) <= step))
 
   def close(self) -> None:
-    self.flush()
-    if self._tb is not None:
-      self._tb.close()
+    try:
+      self.flush()
+    finally:
+      self._tensorboard("close")
+
+  def _tensorboard(self, method: str) -> None:
+    """Flushes or closes the event file; in a bucket within the storage deadline
+    (tensorboardX uploads through google-cloud-storage, which retries for minutes), and
+    not at all once storage has failed."""
+    if self._tb is None or (self.remote and storage.failed()):
+      return
+    folder = storage.join(os.path.dirname(self.path), "tensorboard")
+    storage.call_with_deadline("write TensorBoard events", folder, getattr(self._tb, method))
 
 
 def _row_step(line: str) -> int:

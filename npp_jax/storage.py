@@ -8,11 +8,15 @@ cloud object only appears when its upload completes.
 """
 
 import contextlib
+import functools
 import io
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +41,129 @@ def _fresh_listings() -> None:
 
 
 _fresh_listings()
+log = logging.getLogger(__name__)
+
+# How long one operation on a bucket may take, retries included, before the job stops:
+# gcsfs retries a lost connection for about a minute and tensorstore for longer, and a
+# bucket that is gone for good must end the job, not hang it (`set_deadline`).
+DEADLINE_S = 300.0
+# Errors that say what is wrong with the request, not that storage is unreachable.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+_PERMANENT += (NotADirectoryError,)
+
+
+class StorageError(OSError):
+  """A bucket operation that did not succeed within the deadline (one line: the path, the
+  operation and the cause)."""
+
+
+_failed: list[str] = []  # the first StorageError's text: later operations fail at once
+_local = threading.local()  # `inside`: in a bounded operation's thread (no nested deadline)
+
+
+def failed() -> bool:
+  """True once a bucket operation failed past its deadline (the job is stopping)."""
+  return bool(_failed)
+
+
+def set_deadline(seconds: float) -> None:
+  """The time one bucket operation may take (retries included) before StorageError."""
+  global DEADLINE_S
+  if not seconds > 0:
+    raise ValueError(f"storage deadline {seconds} must be > 0 seconds.")
+  DEADLINE_S = float(seconds)
+
+
+def _cause(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  name = type(e).__name__
+  if "Cannot connect" in text or isinstance(e, ConnectionError) or "Connect" in name:
+    return f"the storage endpoint is unreachable ({name}: {text[:200]})"
+  return f"{name}: {text[:300]}"
+
+
+def _run_with_deadline(fn: Callable[[], Any], deadline_s: float) -> Any:
+  """fn() in a daemon thread, waited for `deadline_s` (TimeoutError after): a client that
+  hangs forever cannot hang the job, and a daemon thread never holds up its exit."""
+  box: dict[str, Any] = {}
+
+  def target():
+    _local.inside = True
+    try:
+      box["value"] = fn()
+    except BaseException as e:  # noqa: BLE001 (handed to the caller)
+      box["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True, name="npp_jax-storage")
+  thread.start()
+  thread.join(deadline_s)
+  if thread.is_alive():
+    raise TimeoutError(f"no answer in {deadline_s:.0f} s")
+  if "error" in box:
+    raise box["error"]
+  return box.get("value")
+
+
+def bounded(op: str, retry: bool = True) -> Callable:
+  """Gives a storage function on a bucket path (its first argument) a deadline and retries
+  with backoff; a failure past the deadline is one StorageError. Local paths run as is."""
+
+  def wrap(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(path, *args, **kwargs):
+      remote = is_remote(path) or any(isinstance(a, str) and is_remote(a) for a in args)
+      if not remote or getattr(_local, "inside", False):
+        return fn(path, *args, **kwargs)
+      if _failed:
+        raise StorageError(f"storage failed earlier ({_failed[0]}); not trying {op} {path}")
+      start, delay = time.monotonic(), 1.0
+      while True:
+        left = DEADLINE_S - (time.monotonic() - start)
+        try:
+          return _run_with_deadline(lambda: fn(path, *args, **kwargs), max(left, 0.1))
+        except (*_PERMANENT, StorageError):
+          raise
+        except (OSError, TimeoutError) as e:
+          spent = time.monotonic() - start
+          if not retry or spent + delay >= DEADLINE_S:
+            text = f"{op} {path} failed after {spent:.0f} s: {_cause(e)}"
+            _failed.append(text)
+            raise StorageError(text) from None
+          log.warning("storage: %s %s: %s; retrying in %.0f s", op, path, _cause(e), delay)
+          time.sleep(delay)
+          delay = min(2 * delay, 30.0)
+
+    return run
+
+  return wrap
+
+
+def call_with_deadline(op: str, path: str, fn: Callable[[], Any]) -> Any:
+  """fn() (which reaches `path` through a client of its own, e.g. ArrayRecord's) within the
+  deadline when `path` is a bucket; StorageError after it. No retry: fn may not be
+  repeatable (it advances an iterator)."""
+  return bounded(op, retry=False)(lambda _path: fn())(path)
+
+
+def check_writable(path: str) -> None:
+  """Before any work: a bucket folder must exist and take a write, within the deadline;
+  otherwise one line naming the bucket and what is wrong."""
+  if not is_remote(path):
+    return
+  probe = join(absolute(path), ".npp_jax_write_check")
+  bucket = absolute(path).split("://", 1)[1].split("/", 1)[0]
+  try:
+    write_text(probe, "npp_jax checks that it can write here before it starts\n")
+    remove(probe)
+  except FileNotFoundError:
+    raise StorageError(
+      f"cannot write to {path}: the bucket {bucket!r} does not exist; create it or fix the path"
+    ) from None
+  except PermissionError as e:
+    raise StorageError(
+      f"cannot write to {path}: permission denied on bucket {bucket!r} ({_cause(e)}); "
+      "check the credentials or the bucket's access"
+    ) from None
 
 
 def is_remote(path: str) -> bool:
@@ -62,20 +189,24 @@ def as_path(path: str) -> epath.Path:
   return epath.Path(absolute(path))
 
 
+@bounded("check")
 def exists(path: str) -> bool:
   return as_path(path).exists()
 
 
+@bounded("check")
 def isdir(path: str) -> bool:
   return as_path(path).is_dir()
 
 
+@bounded("list")
 def listdir(path: str) -> list[str]:
   """Names in a folder (empty when the folder does not exist)."""
   p = as_path(path)
   return sorted(child.name for child in p.iterdir()) if p.is_dir() else []
 
 
+@bounded("list")
 def files_under(path: str) -> list[str]:
   """Every file below a folder, folder by folder in sorted order, names sorted in each."""
   found = []
@@ -88,22 +219,27 @@ def files_under(path: str) -> list[str]:
   return found
 
 
+@bounded("create folder")
 def makedirs(path: str) -> None:
   as_path(path).mkdir(parents=True, exist_ok=True)
 
 
+@bounded("stat")
 def mtime(path: str) -> float:
   return float(as_path(path).stat().mtime)
 
 
+@bounded("stat")
 def size(path: str) -> int:
   return int(as_path(path).stat().length)
 
 
+@bounded("read")
 def read_bytes(path: str) -> bytes:
   return as_path(path).read_bytes()
 
 
+@bounded("read")
 def read_text(path: str) -> str:
   return as_path(path).read_text()
 
@@ -145,16 +281,19 @@ def _abandon(f: Any) -> None:
     f.closed = True
 
 
+@bounded("write")
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `path` all at once: readers see the old file or the new one, never a part."""
   with _writing(path) as f:
     f.write(data)
 
 
+@bounded("write")
 def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode())
 
 
+@bounded("append")
 def append_text(path: str, text: str) -> None:
   """Appends to a log-like file (a cloud object is rewritten whole: objects cannot grow)."""
   if is_remote(path):
@@ -165,6 +304,7 @@ def append_text(path: str, text: str) -> None:
     f.write(text)
 
 
+@bounded("write")
 def save_npz(path: str, **arrays: np.ndarray) -> None:
   """An uncompressed `.npz`, written all at once (locally streamed to the file; for a
   bucket built in memory first: zip needs a seekable file, an upload is not one)."""
@@ -177,6 +317,7 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
     np.savez(f, **arrays)
 
 
+@bounded("read")
 def load_npz(path: str) -> dict[str, np.ndarray]:
   """Every array of an `.npz` (pickled objects refused)."""
   data = io.BytesIO(read_bytes(path)) if is_remote(path) else absolute(path)
@@ -184,11 +325,13 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
+@bounded("copy")
 def copy(src: str, dst: str) -> None:
   """Copies a file, streamed (between a bucket and the local disk, either way)."""
   _copy_stream(as_path(src), as_path(dst))
 
 
+@bounded("remove")
 def remove(path: str) -> None:
   """Deletes a file or a whole folder; nothing when it is absent."""
   p = as_path(path)
@@ -198,6 +341,7 @@ def remove(path: str) -> None:
     p.unlink()
 
 
+@bounded("move", retry=False)
 def move(src: str, dst: str) -> None:
   """Moves a file or folder (on a bucket: copy, then delete)."""
   if not is_remote(src) and not is_remote(dst):
@@ -231,4 +375,4 @@ def local_copy_for_writing(path: str) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix="npp_jax_upload_") as tmp:
     local = os.path.join(tmp, basename(path))
     yield local
-    _copy_stream(epath.Path(local), as_path(path))
+    copy(local, path)

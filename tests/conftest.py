@@ -6,6 +6,11 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, every xdist worker and subprocess: the
+# many tests that compile the same small programs load them instead. A job run through
+# `python -m npp_jax.main` still uses its own WORKDIR/compile_cache (config.compile_cache).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/npp_jax_test_compile_cache_{os.getuid()}")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import importlib  # noqa: E402
 import pathlib  # noqa: E402

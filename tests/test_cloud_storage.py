@@ -9,6 +9,7 @@ the local disk under a folder called `gs:`.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,53 +46,67 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+class Emulator:
+  """gcp-storage-emulator on a loopback port, its objects on disk in `home`, so that it can
+  be stopped (storage lost) and started again with what it held."""
+
+  def __init__(self, home, port: int):
+    self.home, self.port = home, port
+    url = f"http://127.0.0.1:{port}"
+    self.env = {
+      "STORAGE_EMULATOR_HOST": url,
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+      "TENSORSTORE_GCS_HTTP_URL": url,
+      # gcsfs otherwise first asks for the bucket's layout over gRPC, which the emulator
+      # does not serve (a 60 s timeout per new client).
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    self.proc = None
+
+  def start(self) -> None:
+    script = os.path.join(ROOT, "tests", "gcs_emulator.py")  # the emulator, downloads fixed
+    self.proc = subprocess.Popen(
+      [sys.executable, script, "start", "--host=127.0.0.1", f"--port={self.port}"]
+      + [f"--default-bucket={BUCKET}", "-q"],
+      cwd=self.home,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+      try:
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        return
+      except OSError:
+        time.sleep(0.2)
+
+  def stop(self) -> None:
+    self.proc.kill()
+    self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
   """A GCS emulator on a free loopback port, and the environment that points every client
   at it: gcsfs and google-cloud-storage (STORAGE_EMULATOR_HOST), tensorstore (orbax),
   google-cloud-cpp (ArrayRecord reads)."""
-  port = _free_port()
-  home = tmp_path_factory.mktemp("emulator")
-  script = os.path.join(ROOT, "tests", "gcs_emulator.py")  # the emulator, downloads fixed
-  proc = subprocess.Popen(
-    [sys.executable, script, "start", "--host=127.0.0.1", f"--port={port}"]
-    + [f"--default-bucket={BUCKET}", "-q"],
-    cwd=home,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 30
-  while time.time() < deadline:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      time.sleep(0.2)
-  env = {
-    "STORAGE_EMULATOR_HOST": url,
-    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-    "TENSORSTORE_GCS_HTTP_URL": url,
-    # gcsfs otherwise first asks for the bucket's layout over gRPC, which the emulator
-    # does not serve (a 60 s timeout per new client).
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-  }
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  yield env
+  emu = Emulator(tmp_path_factory.mktemp("emulator"), _free_port())
+  emu.start()
+  saved = {k: os.environ.get(k) for k in emu.env}
+  os.environ.update(emu.env)
+  yield emu
   for k, v in saved.items():
     if v is None:
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
-  proc.terminate()
-  proc.wait(timeout=30)
+  emu.stop()
 
 
-def _run(workdir, cwd, env, *args):
+def _run(workdir, cwd, emulator, *args, env=None):
   cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/mnist.py"]
   cmd += [f"--workdir={workdir}", *OVERRIDES, *args]
-  full_env = {**os.environ, **env, "PYTHONPATH": ROOT}
+  full_env = {**os.environ, **emulator.env, "PYTHONPATH": ROOT, **(env or {})}
   return subprocess.Popen(
     cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -162,6 +177,59 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path):
   resumed = storage.read_text(f"{run}/logs/{logs[-1]}")
   assert "resumed from step" in resumed and "finished at step 210" in resumed
   _no_gs_folder(cwd, tmp_path, ROOT)
+
+
+@pytest.mark.slow
+def test_lost_storage_ends_the_job_in_bounded_time_and_the_rerun_resumes(emulator, tmp_path):
+  """A missing bucket is refused before anything compiles; storage that goes away mid-run
+  ends the job within the deadline with one line (exit status 75), the state saved on the
+  local disk; with storage back, the same command resumes and logs an unbroken run's
+  losses."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  os.symlink(os.path.join(ROOT, "configs"), cwd / "configs")
+  deadline = 10
+  flags = [f"--config.storage_deadline_s={deadline}"]
+  home = {"HOME": str(tmp_path / "home")}  # where the rescued state goes
+
+  t0 = time.time()
+  proc = _run("gs://no-such-bucket/run", cwd, emulator, *flags)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75 and time.time() - t0 < 60, out[-2000:]
+  assert "error: storage: cannot write to gs://no-such-bucket/run: the bucket " in out
+  assert "compiled the train step" not in out and "devices:" not in out  # nothing ran
+
+  local = tmp_path / "local"  # the unbroken reference
+  _finish(_run(local, cwd, emulator, "--config.compile_cache=off"))
+  run = f"gs://{BUCKET}/lost"
+  victim = _run(run, cwd, emulator, *flags, env=home)
+  limit = time.time() + 600
+  while time.time() < limit and victim.poll() is None:
+    steps = [int(d) for d in storage.listdir(f"{run}/checkpoints") if d.isdigit()]
+    if steps and max(steps) >= 40:
+      break
+    time.sleep(0.2)
+  emulator.stop()
+  t0 = time.time()
+  try:
+    out, _ = victim.communicate(timeout=300)
+  finally:
+    emulator.start()
+  took = time.time() - t0
+  assert victim.returncode == 75, out[-3000:]
+  assert took < deadline + 30, took  # the deadline, the local save and the exit
+  # One error line, the last but the log's (orbax and gcsfs print their retries above it).
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0] in out.splitlines()[-3:], out[-3000:]
+  saved = re.search(
+    r"failed after \d+ s: .*the state at step (\d+) is saved in (\S+): copy", errors[0]
+  )
+  assert saved, errors[0]
+  assert os.path.isdir(os.path.join(saved[2], "state")), saved[2]  # an orbax step folder
+
+  out = _finish(_run(run, cwd, emulator, *flags))
+  assert "resumed from step" in out, out[-3000:]
+  assert _losses(run) == _losses(str(local)), "bitwise the losses of the unbroken run"
 
 
 @pytest.mark.slow

@@ -137,7 +137,7 @@ def test_tfds_source_without_tensorflow_names_the_extra(tmp_path, folder, monkey
   monkeypatch.setattr(builtins, "__import__", no_tfds)
   c = _config(tmp_path, folder)
   c.extract.source = "tfds"
-  with pytest.raises(ImportError, match=r"npp_jax\[data\]"):
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[data\]'. in the npp_jax clone"):
     extract.run(c, str(tmp_path / "wd"))
 
 

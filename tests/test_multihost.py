@@ -104,17 +104,30 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
     np.testing.assert_array_equal(z["arr_0"], images)
 
 
+LONG_STEPS = 240  # 6 steps per epoch of 96 records, 40 epochs
+
+
+@pytest.fixture(scope="module")
+def unbroken_long_run(tmp_path_factory):
+  """(data, workdir) of one unbroken two-host run, the reference of both SIGTERM cases."""
+  root = tmp_path_factory.mktemp("unbroken")
+  write_random_dataset(root / "data", n=96)
+  out = _cluster(root / "run", root / "data", LONG_STEPS, "train_long")
+  assert [r["step"] for r in out] == [LONG_STEPS, LONG_STEPS]
+  return root / "data", root / "run"
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("multihost_sigterm")  # one worker: the unbroken run is shared
 @pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both-hosts", "one-host"])
-def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(tmp_path, signalled):
+def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(
+  tmp_path, signalled, unbroken_long_run
+):
   """SIGTERM (a preemption notice) on both hosts, or on one: JAX's preemption sync point
   stops both at the same step, one checkpoint is written there, and a rerun logs the
   losses of an unbroken run."""
-  data = tmp_path / "data"
-  write_random_dataset(data, n=96)  # 6 steps per epoch; 40 epochs = 240 steps
-  total = 240
-  unbroken = _cluster(tmp_path / "unbroken", data, total, "train_long")
-  assert [r["step"] for r in unbroken] == [total, total]
+  data, unbroken = unbroken_long_run
+  total = LONG_STEPS
 
   victim = tmp_path / "victim"
   procs = _start(victim, data, total, "train_long")
@@ -138,4 +151,4 @@ def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(tmp_path, sign
   resumed = _cluster(victim, data, total, "train_long")
   assert [r["resumed_from"] for r in resumed] == [step, step]
   assert [r["step"] for r in resumed] == [total, total]
-  np.testing.assert_array_equal(_losses(victim), _losses(tmp_path / "unbroken"))
+  np.testing.assert_array_equal(_losses(victim), _losses(unbroken))

@@ -4,6 +4,8 @@ checkpoints with exact resume, metrics)."""
 import dataclasses
 import logging
 import math
+import os
+import re
 import time
 from typing import Any
 
@@ -171,6 +173,14 @@ class Trainer:
       losses = [self.programs.eval_step()(params, b) for b in self.heldout]
     return float(np.mean([float(x) for x in losses]))
 
+  def next_batch(self) -> dict[str, jax.Array]:
+    """The next training batch; from a bucket within the storage deadline (ArrayRecord's
+    own client retries a lost endpoint without end)."""
+    local = storage.call_with_deadline(
+      "read the training data", self.data_dirs[0], lambda: next(self.data_iter)
+    )
+    return self.global_batch(local)
+
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return sharding.global_batch(local, self.batch_sharding)
 
@@ -225,12 +235,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   progress = _Progress(trainer, start)
   trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
   pending: list = []  # (step, patch side, metrics) not yet checked to be finite
+  done = start
   with preemption.PreemptionGuard() as guard:
     try:
       for done in range(start + 1, plan.total_steps + 1):
         stage = plan.stage(done - 1)
         side = plan.patch_sides[stage]
-        batch = trainer.global_batch(next(trainer.data_iter))
+        batch = trainer.next_batch()
         trace.before_step(done - 1)
         state, m = trainer.step(side, state, batch)
         pending.append((done, side, m))
@@ -265,11 +276,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           )
           break
       _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-    finally:
-      trace.stop()  # a run that ends inside the traced steps still writes its trace
-      progress.close()
-      ckpt.close()
-      writer.close()
+    except storage.StorageError as e:
+      _close(trace, progress, ckpt, writer, failed=True)
+      raise storage.StorageError(f"{e}; {_rescue(trainer, state, done, clock)}") from None
+    except BaseException:
+      _close(trace, progress, ckpt, writer, failed=True)
+      raise
+    _close(trace, progress, ckpt, writer, failed=False)
   return {
     "step": int(jax.device_get(state.step)),
     "metrics": progress.last,
@@ -280,6 +293,40 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "resumed_from": resumed_from,
     "stopped_by": stopped,
   }
+
+
+def _close(trace, progress, ckpt, writer, failed: bool) -> None:
+  """Ends the trace, the bar, the pending save and the metric files; after a failure a
+  storage error while closing is logged, so that the first error is the one reported."""
+  trace.stop()  # a run that ends inside the traced steps still writes its trace
+  progress.close()
+  for close in (ckpt.close, writer.close):
+    try:
+      close()
+    except storage.StorageError as e:
+      if not failed:
+        raise
+      if not str(e).startswith("storage failed earlier"):  # not the reported error again
+        log.warning("while stopping: %s", e)
+
+
+def _rescue(trainer: Trainer, state: Any, step: int, clock: "_Clock") -> str:
+  """Saves the state on the local disk when storage failed (one host only: several hosts
+  have no shared local disk); returns what was done, for the error line."""
+  if jax.process_count() > 1:
+    return "no local copy of the state (several hosts); rerun to resume from the last checkpoint"
+  name = re.sub(r"[^\w.-]+", "_", trainer.workdir.split("://", 1)[-1])
+  local = os.path.join(os.path.expanduser("~"), "npp_jax_rescue", name)
+  try:
+    rescue = checkpoint.Checkpointer(local, keep=1, async_save=False)
+    rescue.save(step, state, trainer.data_iter, _checkpoint_meta(trainer, step, clock))
+    rescue.close()
+  except Exception as e:  # noqa: BLE001 (the local disk may fail too; the error says so)
+    return f"no local copy of the state either ({type(e).__name__}: {e})"
+  return (
+    f"the state at step {step} is saved in {rescue.directory}/{step}: copy that folder to "
+    f"{trainer.workdir}/checkpoints/{step} once the bucket is back and rerun to resume from it"
+  )
 
 
 def _dataset_record(trainer: Trainer) -> dict[str, Any]:
