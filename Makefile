@@ -47,7 +47,7 @@ TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTP
 
 # Everything, slow end-to-end tests included (what CI runs).
 test: lint
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15
 
 # The quick loop: skip tests marked slow.
 test-fast: install

@@ -107,7 +107,7 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
 LONG_STEPS = 240  # 6 steps per epoch of 96 records, 40 epochs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one per test worker
 def unbroken_long_run(tmp_path_factory):
   """(data, workdir) of one unbroken two-host run, the reference of both SIGTERM cases."""
   root = tmp_path_factory.mktemp("unbroken")
@@ -118,7 +118,6 @@ def unbroken_long_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("multihost_sigterm")  # one worker: the unbroken run is shared
 @pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both-hosts", "one-host"])
 def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(
   tmp_path, signalled, unbroken_long_run
