@@ -7,13 +7,14 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import checkpoint, config_lib, preemption, storage
+from npp_jax import checkpoint, config_lib, peers, preemption, storage
 
 # What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
 # NPP_TRACEBACK=1 shows the traceback instead.
@@ -133,6 +134,34 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def stop(line: str, status: int) -> None:
+  """Ends the job with one line (stderr and the log files) and `status`; on several hosts
+  every other host stops too (peers.py), and a storage failure exits at once: threads
+  still waiting on the lost storage (orbax's commit, tensorstore's retries) would hold the
+  interpreter's exit for minutes, and on several hosts JAX's shutdown barrier would wait
+  for hosts that have gone."""
+  print(line, file=sys.stderr, flush=True)
+  _to_log_files(line)
+  _close_log_files()
+  if peers.several_hosts():
+    peers.stop(status, line)
+  if status == STORAGE_EXIT_STATUS:
+    sys.stdout.flush()
+    os._exit(status)
+  sys.exit(status)
+
+
+def watch_peers() -> None:
+  """On several hosts: another host's stop ends this one with its line (peers.watch)."""
+
+  def on_stop(line: str) -> None:
+    logging.disable(logging.CRITICAL)  # the line is the last thing said
+    _to_log_files(line)
+    _close_log_files()
+
+  peers.watch(on_stop)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) with logging set up and USER_ERRORS as one line."""
 
@@ -147,26 +176,24 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except storage.StorageError as e:
       # Its own status (EX_TEMPFAIL): a scheduler may retry once storage is back.
-      print(f"error: storage: {e}", file=sys.stderr)
-      _to_log_files(f"error: storage: {e}")
-      _close_log_files()
-      # At once: threads still waiting on the lost storage (orbax's commit, tensorstore's
-      # retries) would otherwise hold the interpreter's exit for minutes.
-      sys.stderr.flush()
-      sys.stdout.flush()
-      os._exit(STORAGE_EXIT_STATUS)
+      stop(f"error: storage: {e}", STORAGE_EXIT_STATUS)
     except preemption.StoppedBySignalError as e:
-      print(f"stopped: {e}", file=sys.stderr)
+      # Every host stops at the same step on a signal (preemption.py): nobody to tell.
       _to_log_files(f"stopped: {e}")
+      print(f"stopped: {e}", file=sys.stderr)
       sys.exit(e.exit_status)
     except USER_ERRORS as e:
-      _to_log_files(f"error: {e}")
       if os.environ.get("NPP_TRACEBACK") == "1":
+        _to_log_files(f"error: {e}")
         raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      stop(f"error: {e}", 2)
     except Exception as e:
-      _to_log_files(f"failed: {type(e).__name__}: {e}")
+      line = f"failed: {type(e).__name__}: {e}"
+      if peers.several_hosts():
+        peers.wait_if_another_host_stopped()  # its line is the one to read, not this error
+        traceback.print_exc()
+        stop(line, 1)
+      _to_log_files(line)
       raise
     finally:
       _close_log_files()  # uploaded now, while the storage clients still run

@@ -27,7 +27,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if os.environ.get("NPP_DISTRIBUTED") == "1" or c.distributed:
     try:
-      jax.distributed.initialize()  # multi-host: TPU pods, SLURM, or the JAX_* env vars
+      _join_cluster()
     except (ValueError, RuntimeError) as e:
       raise ValueError(
         f"NPP_DISTRIBUTED=1 or config.distributed asks for several hosts, but JAX found no "
@@ -35,8 +35,9 @@ def main(argv):
         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on one machine "
         "leave both unset."
       ) from None
+    cli.watch_peers()  # another host's failure ends this one too, in one line
   workdir = storage.absolute(flags.FLAGS.workdir)  # local -> absolute; gs://... as given
-  storage.set_deadline(c.storage_deadline_s)
+  storage.set_deadline(c.storage_deadline_s)  # for the checks below; each job sets it too
   # A missing or read-only bucket is one line now, not a hang after minutes of compiling.
   for path in {workdir, c.extract.out_dir if c.mode == "extract" else ""} - {""}:
     storage.check_writable(path)
@@ -59,6 +60,15 @@ def main(argv):
     log.info("codes: %s", {k: v for k, v in out.items() if k != "skipped_images"})
   else:
     log.info("%s: %s", c.mode, out)
+
+
+def _join_cluster() -> None:
+  """jax.distributed.initialize(): a TPU pod, SLURM or Open MPI is found by JAX; elsewhere
+  JAX_COORDINATOR_ADDRESS (read by JAX) with JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(
+    num_processes=int(count) if count else None, process_id=int(index) if index else None
+  )
 
 
 def run():

@@ -67,11 +67,14 @@ def failed() -> bool:
 
 
 def set_deadline(seconds: float) -> None:
-  """The time one bucket operation may take (retries included) before StorageError."""
+  """Starts a job's storage: the time one bucket operation may take (retries included)
+  before StorageError, and no failure remembered from an earlier job in this process (a
+  notebook reruns a job once the bucket is back)."""
   global DEADLINE_S
   if not seconds > 0:
     raise ValueError(f"storage deadline {seconds} must be > 0 seconds.")
   DEADLINE_S = float(seconds)
+  _failed.clear()
 
 
 def _cause(e: BaseException) -> str:

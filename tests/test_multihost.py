@@ -151,3 +151,73 @@ def test_sigterm_stops_every_host_at_one_step_and_resumes_exactly(
   assert [r["resumed_from"] for r in resumed] == [step, step]
   assert [r["step"] for r in resumed] == [total, total]
   np.testing.assert_array_equal(_losses(victim), _losses(unbroken))
+
+
+PEER_WORKER = os.path.join(os.path.dirname(__file__), "peer_failure_worker.py")
+
+
+def _main_on_two_hosts(config, workdir, fail_at_read):
+  """`python -m npp_jax.main` on two processes joined as a launcher joins them (the JAX_*
+  variables); host 1's training-data read number `fail_at_read` fails."""
+  port = _free_port()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for host in range(2):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= {
+      "NPP_DISTRIBUTED": "1",
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(host),
+      "PYTHONPATH": root,
+    }
+    cmd = [sys.executable, PEER_WORKER, "1", str(fail_at_read), f"--config={config}"]
+    cmd += [f"--workdir={workdir}", "--config.compile_cache=off"]
+    procs.append(
+      subprocess.Popen(
+        cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
+  return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+@pytest.mark.slow
+def test_one_hosts_storage_failure_stops_every_host_in_one_line(tmp_path):
+  """Host 1 loses storage mid-run (its data read fails past the deadline) while host 0 goes
+  on into the next step's collectives: both end within seconds, each with one line naming
+  host 1's failure, exit status 75, no traceback and no abort from JAX's coordination
+  service (which, without this, kills the waiting host). The rerun resumes on both."""
+  import textwrap  # noqa: PLC0415
+
+  data = tmp_path / "data"
+  write_random_dataset(data, n=96)  # 6 steps per epoch, stage ends at steps 6, 12 and 24
+  config = tmp_path / "config.py"
+  config.write_text(
+    textwrap.dedent(f"""
+    from tests.helpers import tiny_config
+
+    def get_config():
+      return tiny_config({str(data)!r})
+  """)
+  )
+  run = tmp_path / "run"
+  hosts = _main_on_two_hosts(config, run, fail_at_read=10)
+  ended = time.time()
+  cause = "read the training data gs://bucket/codes failed after 300 s"
+  for host, (p, _, err) in enumerate(hosts):
+    assert p.returncode == 75, (host, err[-3000:])
+    assert "Traceback" not in err and "Check failure" not in err, (host, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1], (host, err[-3000:])
+    assert cause in errors[0]
+    want = "error: storage: " if host == 1 else "error: host 1 stopped the job: storage: "
+    assert errors[0].startswith(want), errors[0]
+    logs = sorted((run / "logs").glob("train-*.log"))
+    (log,) = [f for f in logs if f.name.endswith("-host1.log") == (host == 1)]
+    assert errors[0] in log.read_text()
+  assert ended - os.path.getmtime(run / "metrics.jsonl") < 30
+  assert _losses(run) and len(_losses(run)) == 9  # host 1 failed reading step 10's batch
+
+  for host, (p, _, err) in enumerate(_main_on_two_hosts(config, run, fail_at_read=1000)):
+    assert p.returncode == 0, (host, err[-3000:])  # and no abort at the watcher's exit
+    assert "resumed from step 6" in err and "finished at step 24" in err, err[-3000:]

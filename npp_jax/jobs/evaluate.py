@@ -26,6 +26,7 @@ KINDS = ("inception", "mnist_classifier")
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores `eval.samples` (default: the newest WORKDIR/samples/samples_*.npz)."""
+  storage.set_deadline(c.storage_deadline_s)
   e = c.eval
   if e.kind not in KINDS:
     raise ValueError(f"config.eval.kind={e.kind!r}; use one of {KINDS}.")

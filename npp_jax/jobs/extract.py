@@ -164,6 +164,7 @@ def _shards(n: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Extracts codes per `config.extract`; returns the dataset directory and the report."""
+  storage.set_deadline(c.storage_deadline_s)
   e = c.extract
   out_dir = storage.absolute(e.out_dir or storage.join(workdir, "codes"))
   storage.makedirs(out_dir)

@@ -225,6 +225,7 @@ def check_request(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Writes the PNG grid and the `.npz` of `sample.num_images` images; returns their paths."""
+  storage.set_deadline(c.storage_deadline_s)
   cfg = config_lib.sampling_gpt_config(c)
   s = c.sample
   mesh = sampling.sampling_mesh(c.mesh.to_dict(), cfg)

@@ -214,6 +214,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns a summary: final step, last logged metrics, the compile log. A second trainer
   on the same workdir is refused while this one runs.
   """
+  storage.set_deadline(c.storage_deadline_s)
   with checkpoint.WorkdirLock(workdir):
     return _train(c, workdir)
 
