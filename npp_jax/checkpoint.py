@@ -14,6 +14,7 @@ Restoring tells two failures apart:
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -215,7 +216,9 @@ class Checkpointer:
       "data": grain.checkpoint.CheckpointHandler(),
       "meta": ocp.JsonCheckpointHandler(),
     }
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.manager = _read(
+      self.directory, ocp.CheckpointManager, self.directory, options=options, item_handlers=handlers
+    )
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
     """Saves `state` at `step` with its fingerprint, so that restore can verify it."""
@@ -237,17 +240,20 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _storage_failures(self, what: str):
-    """orbax's errors from a bucket (tensorstore's, or its async timeout) as StorageError:
-    the job stops on them with one line, as on every other storage failure."""
+    """orbax's errors from a bucket (tensorstore's, or its async timeout) and a full disk
+    anywhere as StorageError: the job stops on them with one line, as on every other
+    storage failure."""
     try:
       yield
     except Exception as e:
+      if storage.disk_full(e):
+        raise storage.StorageError(f"{what} in {self.directory} failed: the disk is full") from None
       if not storage.is_remote(self.directory) or isinstance(e, storage.StorageError):
         raise
       raise storage.StorageError(f"{what} in {self.directory} failed: {_short(e)}") from e
 
   def steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
+    return sorted(_read(self.directory, self.manager.all_steps))
 
   def restore_latest(self, abstract_state: Any, data_iter: Any, config: dict, dataset: dict):
     """Restores the newest intact checkpoint; returns (step, state, meta) or None.
@@ -260,27 +266,36 @@ class Checkpointer:
     steps = self.steps()
     damaged = []
     initial = data_iter.get_state()
+    read = functools.partial(_read, self.directory)
     for step in reversed(steps):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-        saved_tree = self.manager.item_metadata(step)["state"]
+        meta = read(self.manager.restore, step, args=_META)["meta"]
+        saved_tree = read(self.manager.item_metadata, step)["state"]
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         if not leaf_shapes(saved_tree):
           raise ValueError("the checkpoint's state metadata lists no arrays")
+      except storage.StorageError:
+        raise
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         self._damaged(damaged, step, e)
         continue
       self._check_fits(step, meta, saved_tree, abstract_state, config, dataset)
+      state_args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      data_args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
       try:
-        restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        state = restored["state"]
+        state = read(self.manager.restore, step, args=state_args)["state"]
         _verify(state, meta)
-        self.manager.restore(
-          step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
-        )
+        read(self.manager.restore, step, args=data_args)
+      except storage.StorageError:
+        raise
+      except IndexError as e:  # grain: a data position past the end of the dataset
+        data_iter.set_state(initial)
+        raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} records a data position this "
+          f"dataset does not have ({e}): its data/ item was edited or comes from another "
+          f"run; restore the original, or move {self.directory}/{step} aside to resume "
+          "from the checkpoint before it."
+        ) from None
       except Exception as e:  # noqa: BLE001
         data_iter.set_state(initial)
         self._damaged(damaged, step, e)
@@ -338,6 +353,23 @@ class Checkpointer:
       storage.call_with_deadline("finish a checkpoint", self.directory, self.manager.close)
 
 
+_META = ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def _read(directory: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """fn(*args, **kwargs), an orbax read of `directory`, within the storage deadline. A
+  read that fails because the bucket does not answer is a StorageError, never a damaged
+  checkpoint: a damaged one is set aside, and storage briefly gone must not move good ones."""
+  try:
+    return storage.call_with_deadline("read a checkpoint", directory, lambda: fn(*args, **kwargs))
+  except storage.StorageError:
+    raise
+  except Exception:
+    if storage.is_remote(directory):
+      storage.listdir(directory)  # StorageError when the bucket does not answer either
+    raise
+
+
 def restore_weights(
   directory: str, use_ema: bool, shardings: Callable[[Any], Any]
 ) -> tuple[int, Any, str, dict]:
@@ -350,8 +382,9 @@ def restore_weights(
   whose meta has per-part fingerprints is verified on the part read; an older one (a
   single fingerprint of the whole state) on the whole state, read spread over devices.
   """
+  read = functools.partial(_read, directory)
   with _reader(directory) as mngr:
-    steps = sorted(mngr.all_steps(), reverse=True)
+    steps = sorted(read(mngr.all_steps), reverse=True)
     if not steps:
       raise FileNotFoundError(
         f"no training checkpoint in {directory}: train first, or set "
@@ -359,26 +392,25 @@ def restore_weights(
       )
     for step in steps:
       try:
-        saved = mngr.item_metadata(step)["state"]
+        saved = read(mngr.item_metadata, step)["state"]
         saved = getattr(saved, "tree", saved)
         part = "ema" if use_ema and _has_arrays(saved.get("ema")) else "params"
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = read(mngr.restore, step, args=_META)["meta"]
         parts = meta.get("fingerprints")
         if parts is None and meta.get("fingerprint") is not None:
           target = jax.tree.map(_spread_over_devices, saved)  # verify the whole, as written
-          got = mngr.restore(step, args=ocp.args.Composite(state=_pytree_restore(target)))
+          args = ocp.args.Composite(state=_pytree_restore(target))
+          got = read(mngr.restore, step, args=args)
           _verify(got["state"], meta)
           weights = jax.device_put(got["state"][part], shardings(got["state"][part]))
         else:
           target = {part: _with_shardings(saved[part], shardings)}
-          got = mngr.restore(
-            step, args=ocp.args.Composite(state=_pytree_restore(target, partial=True))
-          )
-          weights = got["state"][part]
+          args = ocp.args.Composite(state=_pytree_restore(target, partial=True))
+          weights = read(mngr.restore, step, args=args)["state"][part]
           if parts is not None and fingerprint(weights) != parts.get(part):
             raise ValueError(f"the restored {part} do not match the fingerprint saved with them")
         return step, weights, "ema" if part == "ema" else "raw", meta
-      except CheckpointMismatchError:
+      except (CheckpointMismatchError, storage.StorageError):
         raise
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         _warn_damaged(directory, step, e)
@@ -394,7 +426,7 @@ def _reader(directory: str) -> ocp.CheckpointManager:
     "meta": ocp.JsonCheckpointHandler(),
   }
   options = ocp.CheckpointManagerOptions(create=False)
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+  return _read(directory, ocp.CheckpointManager, directory, options=options, item_handlers=handlers)
 
 
 def newest_meta(directory: str) -> tuple[int, dict] | None:
@@ -403,9 +435,11 @@ def newest_meta(directory: str) -> tuple[int, dict] | None:
   if not storage.exists(directory):
     return None
   with _reader(directory) as mngr:
-    for step in sorted(mngr.all_steps(), reverse=True):
+    for step in sorted(_read(directory, mngr.all_steps), reverse=True):
       try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = _read(directory, mngr.restore, step, args=_META)["meta"]
+      except storage.StorageError:
+        raise
       except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         _warn_damaged(directory, step, e)
         continue

@@ -1,11 +1,14 @@
 """What the command lines share: logging set-up, and bad input as one line on stderr."""
 
 import contextlib
+import copy
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,9 +35,49 @@ USER_ERRORS = (
 STORAGE_EXIT_STATUS = 75
 
 
+class _LibraryTracebacksToFile(logging.Filter):
+  """On the console a library's error is one line; its traceback (orbax prints one for
+  every failed background save) is kept in the run's log file only, so that the job's
+  own last line is what a reader sees."""
+
+  def __init__(self, console: logging.Handler):
+    super().__init__()
+    self.console = console
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.exc_info or record.name.startswith("npp_jax"):
+      return True
+    brief = copy.copy(record)
+    brief.exc_info, brief.exc_text, brief.stack_info = None, None, None
+    self.console.emit(brief)
+    return False
+
+
+def _background_errors_to_file(default: Callable) -> Callable:
+  """A library thread's error printed through sys.excepthook (tensorstore's callbacks print
+  one per pending write once orbax has closed their event loop) goes to the log file;
+  the main thread's keep the default. Installed once."""
+  if getattr(default, "npp_jax", False):
+    return default
+
+  def hook(kind, value, tb):
+    if threading.current_thread() is threading.main_thread():
+      default(kind, value, tb)
+      return
+    _to_log_files("".join(traceback.format_exception(kind, value, tb)).rstrip())
+
+  hook.npp_jax = True
+  return hook
+
+
 def setup_logging() -> None:
-  """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING."""
+  """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING, their
+  tracebacks to the log file only."""
   absl_logging.set_verbosity(absl_logging.WARNING)
+  sys.excepthook = _background_errors_to_file(sys.excepthook)
+  for console in logging.getLogger().handlers:  # absl's (app.run installs it)
+    if not any(isinstance(f, _LibraryTracebacksToFile) for f in console.filters):
+      console.addFilter(_LibraryTracebacksToFile(console))
   logger = logging.getLogger("npp_jax")
   logger.setLevel(logging.INFO)
   if not logger.handlers:
@@ -62,16 +105,33 @@ class WorkdirLog(logging.FileHandler):
     super().__init__(local, encoding="utf-8")
     self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     self.upload_every_s, self._uploaded = upload_every_s, -math.inf
+    self._broken = False
 
   def emit(self, record: logging.LogRecord) -> None:
+    if self._broken:
+      return
     super().emit(record)
     if self.remote and time.monotonic() - self._uploaded > self.upload_every_s:
       self._upload()
 
+  def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+    """A log file that cannot be written (a full disk) is given up in one warning, not a
+    traceback per record: the job's own errors still reach the console."""
+    del record
+    if not self._broken:
+      self._broken = True
+      print(
+        f"warning: the log file {self.path} cannot be written: {sys.exc_info()[1]}", file=sys.stderr
+      )
+
   def close(self) -> None:
-    super().close()
-    if self.remote:
+    try:
+      super().close()
+    except OSError:
+      self._broken = True  # its last lines did not fit (a full disk); the console has them
+    if self.remote and os.path.exists(self.baseFilename):  # logging closes it twice
       self._upload()
+      shutil.rmtree(os.path.dirname(self.baseFilename), ignore_errors=True)
 
   def _upload(self) -> None:
     self._uploaded = time.monotonic()
@@ -87,6 +147,7 @@ def log_to_workdir(workdir: str, mode: str, process: int) -> WorkdirLog:
   """Adds a WorkdirLog to npp_jax's logger (every host its own file); returns it."""
   handler = WorkdirLog(workdir, mode, process)
   logging.getLogger("npp_jax").addHandler(handler)
+  logging.getLogger().addHandler(handler)  # the libraries' warnings, with tracebacks
   logging.getLogger("npp_jax").info("log file: %s; command: %s", handler.path, " ".join(sys.argv))
   return handler
 
@@ -100,10 +161,10 @@ def _to_log_files(line: str) -> None:
 
 
 def _close_log_files() -> None:
-  logger = logging.getLogger("npp_jax")
-  for handler in [h for h in logger.handlers if isinstance(h, WorkdirLog)]:
-    logger.removeHandler(handler)
-    handler.close()
+  for logger in (logging.getLogger("npp_jax"), logging.getLogger()):
+    for handler in [h for h in logger.handlers if isinstance(h, WorkdirLog)]:
+      logger.removeHandler(handler)
+      handler.close()
 
 
 def define_config_flags(workdir_help: str | None) -> None:
@@ -132,6 +193,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError) as e:
     print(f"error: {config_lib.flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def failure_line(e: Exception) -> tuple[str, int]:
+  """The one line a job ends with on `e`, and its exit status: 75 for storage (EX_TEMPFAIL:
+  a scheduler may retry once storage is back or the disk has room), 2 for bad input or a
+  state npp_jax refuses, 1 for anything else (printed with its traceback)."""
+  if storage.disk_full(e) and not isinstance(e, storage.StorageError):
+    text = " ".join(str(e).split())[:300]
+    return f"error: storage: the disk is full ({text}); free space and rerun", STORAGE_EXIT_STATUS
+  if isinstance(e, storage.StorageError):
+    return f"error: storage: {e}", STORAGE_EXIT_STATUS
+  if isinstance(e, USER_ERRORS):
+    return f"error: {e}", 2
+  return f"failed: {type(e).__name__}: {e}", 1
 
 
 def stop(line: str, status: int) -> None:
@@ -163,7 +238,7 @@ def watch_peers() -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with logging set up and USER_ERRORS as one line."""
+  """app.run(main) with logging set up and every failure ending in one line (failure_line)."""
 
   def _main(argv):
     setup_logging()
@@ -174,27 +249,20 @@ def run(main: Callable[[list[str]], None]) -> None:
       raise app.UsageError("--workdir is required (or --print_config to list the config).")
     try:
       main(argv)
-    except storage.StorageError as e:
-      # Its own status (EX_TEMPFAIL): a scheduler may retry once storage is back.
-      stop(f"error: storage: {e}", STORAGE_EXIT_STATUS)
     except preemption.StoppedBySignalError as e:
       # Every host stops at the same step on a signal (preemption.py): nobody to tell.
       _to_log_files(f"stopped: {e}")
       print(f"stopped: {e}", file=sys.stderr)
       sys.exit(e.exit_status)
-    except USER_ERRORS as e:
-      if os.environ.get("NPP_TRACEBACK") == "1":
-        _to_log_files(f"error: {e}")
-        raise
-      stop(f"error: {e}", 2)
     except Exception as e:
-      line = f"failed: {type(e).__name__}: {e}"
-      if peers.several_hosts():
-        peers.wait_if_another_host_stopped()  # its line is the one to read, not this error
+      peers.wait_if_another_host_stopped()  # its line is the one to read, not this error
+      line, status = failure_line(e)
+      if status == 1 or (status == 2 and os.environ.get("NPP_TRACEBACK") == "1"):
+        if not peers.several_hosts():
+          _to_log_files(line)
+          raise  # not an error npp_jax knows: the traceback is what there is to read
         traceback.print_exc()
-        stop(line, 1)
-      _to_log_files(line)
-      raise
+      stop(line, status)
     finally:
       _close_log_files()  # uploaded now, while the storage clients still run
 

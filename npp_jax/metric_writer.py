@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -47,13 +49,18 @@ class MetricWriter:
     self._pending = ""  # rows not yet uploaded (bucket only)
     self._uploaded_at = time.monotonic()
     self._tb = None
+    self._tb_dir = storage.join(storage.absolute(workdir), "tensorboard")
+    # In a bucket the event file is written locally and uploaded through storage.py (with
+    # its deadline): tensorboardX's own GCS writer retries for two minutes and uploads
+    # again whenever Python collects it, at exit too.
+    local = self.remote and self.enabled
+    self._tb_local = tempfile.mkdtemp(prefix="npp_jax_tb_") if local else self._tb_dir
     if self.enabled:
       storage.makedirs(workdir)
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-        # tensorboardX writes gs:// itself (google-cloud-storage, the `gcs` extra).
-        self._tb = SummaryWriter(storage.join(storage.absolute(workdir), "tensorboard"))
+        self._tb = SummaryWriter(self._tb_local)
       except ImportError:
         log.warning("tensorboardX is not installed: no TensorBoard event files.")
 
@@ -100,13 +107,16 @@ class MetricWriter:
       self._tensorboard("close")
 
   def _tensorboard(self, method: str) -> None:
-    """Flushes or closes the event file; in a bucket within the storage deadline
-    (tensorboardX uploads through google-cloud-storage, which retries for minutes), and
-    not at all once storage has failed."""
-    if self._tb is None or (self.remote and storage.failed()):
+    """Flushes or closes the event file; in a bucket uploads it (not once storage failed)."""
+    if self._tb is None:
       return
-    folder = storage.join(os.path.dirname(self.path), "tensorboard")
-    storage.call_with_deadline("write TensorBoard events", folder, getattr(self._tb, method))
+    getattr(self._tb, method)()
+    if not self.remote or storage.failed():
+      return
+    for name in sorted(os.listdir(self._tb_local)):
+      storage.copy(os.path.join(self._tb_local, name), storage.join(self._tb_dir, name))
+    if method == "close":
+      shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _row_step(line: str) -> int:

@@ -8,6 +8,7 @@ cloud object only appears when its upload completes.
 """
 
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -42,6 +43,9 @@ def _fresh_listings() -> None:
 
 _fresh_listings()
 log = logging.getLogger(__name__)
+# gcsfs logs every exhausted retry with its traceback (dozens of lines per operation);
+# bounded() below logs the retries in a line each and ends in one StorageError line.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 # How long one operation on a bucket may take, retries included, before the job stops:
 # gcsfs retries a lost connection for about a minute and tensorstore for longer, and a
@@ -75,6 +79,17 @@ def set_deadline(seconds: float) -> None:
     raise ValueError(f"storage deadline {seconds} must be > 0 seconds.")
   DEADLINE_S = float(seconds)
   _failed.clear()
+
+
+def disk_full(e: BaseException) -> bool:
+  """True for an error that says a disk is full (ENOSPC, in Python's or tensorstore's words),
+  on `e` or on what it was raised from (not on an error it was merely raised while
+  handling: a rescue attempt after a full disk fails for its own reasons)."""
+  while e is not None:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__
+  return False
 
 
 def _cause(e: BaseException) -> str:
@@ -266,12 +281,23 @@ def _writing(path: str) -> Iterator[Any]:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   try:
-    with open(tmp, "wb") as f:
+    with _disk_full_named(path), open(tmp, "wb") as f:
       yield f
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _disk_full_named(path: str) -> Iterator[None]:
+  """A full disk as one StorageError naming the file that did not fit."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise StorageError(f"write {path} failed: the disk is full") from None
 
 
 def _abandon(f: Any) -> None:
@@ -303,7 +329,7 @@ def append_text(path: str, text: str) -> None:
     old = read_text(path) if exists(path) else ""
     write_text(path, old + text)
     return
-  with open(absolute(path), "a") as f:
+  with _disk_full_named(path), open(absolute(path), "a") as f:
     f.write(text)
 
 

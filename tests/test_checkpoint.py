@@ -150,3 +150,29 @@ def test_non_finite_loss_right_after_a_restore_calls_the_checkpoint_suspect(data
     FloatingPointError, match=r"resumed from the checkpoint at step 6 only \d+ steps.*suspect"
   ):
     train.run(tiny_config(data_dir, **blow_up), str(wd))
+
+
+def test_an_edited_data_position_is_refused_and_nothing_moves(data_dir, tmp_path):
+  """The data iterator's position is part of what a checkpoint promises: one edited to
+  another value (a step ahead, or past the dataset) is refused in one line, not used."""
+  wd = tmp_path / "wd"
+  train.run(tiny_config(data_dir, **{"train.max_steps": 8}), str(wd))
+  position = wd / "checkpoints" / "8" / "data" / "process_0-of-1.json"
+  original = position.read_text()
+  assert json.loads(original) == {"next_index": 8}  # positive control: the file's layout
+  for edited in (9, 10**6):
+    position.write_text(json.dumps({"next_index": edited}))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+      train.run(tiny_config(data_dir, **{"train.max_steps": 10}), str(wd))
+    want = "records data position 9 on process 0, but a run at step 8 has read 8 batches"
+    if edited > 9:  # past the dataset's end: grain itself refuses it
+      want = "records a data position this dataset does not have"
+    assert want in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert _steps(wd) == [6, 8] and not (wd / "checkpoints_unreadable").exists()
+  position.write_text(original)
+  # A smaller train.max_steps than the run has done is no reason to call its checkpoints
+  # damaged (it once set both aside and trained from scratch): nothing to do, nothing moved.
+  summary = train.run(tiny_config(data_dir, **{"train.max_steps": 5}), str(wd))
+  assert summary["resumed_from"] == 8 and summary["step"] == 8 and _steps(wd) == [6, 8]
+  summary = train.run(tiny_config(data_dir, **{"train.max_steps": 10}), str(wd))
+  assert summary["resumed_from"] == 8 and summary["step"] == 10

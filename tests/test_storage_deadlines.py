@@ -1,10 +1,20 @@
 """Bucket operations have a deadline and bounded retries; what is past it is one line."""
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
 from npp_jax import storage
+
+from .helpers import write_random_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -69,3 +79,74 @@ def test_local_paths_run_as_they_are(quick, tmp_path):
   storage.write_text(str(tmp_path / "a.txt"), "x")
   assert storage.read_text(str(tmp_path / "a.txt")) == "x"
   storage.check_writable(str(tmp_path))  # nothing to check on a local disk
+
+
+def test_a_full_disk_is_one_storage_error_naming_the_file(tmp_path):
+  target = tmp_path / "metrics.jsonl"
+  os.symlink("/dev/full", target)  # every write to it fails with ENOSPC
+  with pytest.raises(storage.StorageError) as e:
+    storage.append_text(str(target), "row\n")
+  assert str(e.value) == f"write {target} failed: the disk is full"
+
+
+def _can_mount_a_small_disk() -> str:
+  """'' when `unshare -rm` may mount a tmpfs here (a user namespace), else why not."""
+  try:
+    probe = subprocess.run(
+      ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+    )
+  except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+    return str(e)
+  return "" if probe.returncode == 0 else probe.stderr.strip()
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_ends_in_one_line_and_the_rescued_state_resumes(tmp_path):
+  """Training into a 200 KB disk (a tmpfs in a private mount namespace) that a checkpoint
+  does not fit: exit status 75, the last line names the checkpoint folder and the full
+  disk and where the state was saved instead; that copy resumes the run."""
+  why = _can_mount_a_small_disk()
+  if why:
+    pytest.skip(f"cannot mount a small disk here: {why}")
+  write_random_dataset(tmp_path / "data", n=96)
+  config = tmp_path / "config.py"
+  config.write_text(
+    textwrap.dedent(f"""
+    from tests.helpers import tiny_config
+
+    def get_config():
+      return tiny_config({str(tmp_path / "data")!r}, **{{"train.ckpt_every_steps": 4}})
+  """)
+  )
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path / "home")}
+  main = f"{sys.executable} -m npp_jax.main --config={config} --config.compile_cache=off"
+  script = f"mount -t tmpfs -o size=200k tmpfs {wd} && exec {main} --workdir={wd}"
+  out = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", script],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  last = out.stderr.splitlines()[-1]
+  assert out.returncode == 75, out.stderr[-3000:]
+  saved = re.fullmatch(
+    rf"error: storage: saving step (\d+) in {wd}/checkpoints failed: the disk is full; the "
+    rf"state at step \1 is saved in (\S+): copy that folder to {wd}/checkpoints/\1 once it "
+    r"can be written again and rerun to resume from it",
+    last,
+  )
+  assert saved, last
+  step, rescued = int(saved[1]), saved[2]
+  fresh = tmp_path / "fresh"
+  shutil.copytree(rescued, fresh / "checkpoints" / str(step))
+  cmd = [*main.split(), f"--workdir={fresh}", "--config.train.max_steps=10"]
+  again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resumed from step {step}" in again.stderr

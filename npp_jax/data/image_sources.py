@@ -57,10 +57,13 @@ class TfdsItems:
       ) from e
     info = tfds.builder(name, data_dir=data_dir or None).info
     self.classes = list(info.features["label"].names)
+    self.data_dir = data_dir or ""
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, index: slice) -> list[tuple[bytes, int]]:
-    rows = [self.source[i] for i in range(*index.indices(len(self)))]
+    # A tfds folder in a bucket is read through ArrayRecord's own client: bounded here.
+    read = lambda: [self.source[i] for i in range(*index.indices(len(self)))]
+    rows = storage.call_with_deadline("read the images", self.data_dir, read)
     return [(bytes(r["image"]), int(r["label"])) for r in rows]

@@ -96,18 +96,25 @@ class Trainer:
     self.compile_log: list[dict] = []
     self._compiled: dict[int, Any] = {}
 
-    ds = pipeline.train_dataset(
-      data_dirs,
-      vocab_size=self.cfg.vocab_size,
-      num_classes=self.cfg.num_classes,
-      grid=self.cfg.grid,
-      global_batch=c.train.global_batch_size,
-      steps_per_epoch=self.plan.steps_per_epoch,
-      num_steps=self.plan.total_steps,
-      seed=c.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      weights=tuple(c.data.weights),
+    # Opening the shards reaches a bucket through ArrayRecord's own client: bounded too.
+    ds = storage.call_with_deadline(
+      "open the training data",
+      data_dirs[0],
+      lambda: pipeline.train_dataset(
+        data_dirs,
+        vocab_size=self.cfg.vocab_size,
+        num_classes=self.cfg.num_classes,
+        grid=self.cfg.grid,
+        global_batch=c.train.global_batch_size,
+        steps_per_epoch=self.plan.steps_per_epoch,
+        # The whole schedule, not train.max_steps: a checkpoint's data position must stay
+        # valid when a run is continued with another (or no) max_steps.
+        num_steps=p.plan.total_steps,
+        seed=c.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        weights=tuple(c.data.weights),
+      ),
     )
     self.data_iter = pipeline.to_iterator(ds, c.data.worker_count, c.data.prefetch_buffer_size)
     self.heldout = self._heldout_batches() if c.train.eval_every_steps else []
@@ -155,7 +162,7 @@ class Trainer:
 
   def _heldout_batches(self) -> list[dict[str, jax.Array]]:
     c = self.c
-    batches = pipeline.heldout_batches(
+    read = lambda: pipeline.heldout_batches(
       self.heldout_dir,
       vocab_size=self.cfg.vocab_size,
       num_classes=self.cfg.num_classes,
@@ -165,6 +172,7 @@ class Trainer:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
+    batches = storage.call_with_deadline("read the held-out data", self.heldout_dir, read)
     return [self.global_batch(b) for b in batches]
 
   def heldout_loss(self, params) -> float:
@@ -317,7 +325,8 @@ def _rescue(trainer: Trainer, state: Any, step: int, clock: "_Clock") -> str:
   if jax.process_count() > 1:
     return "no local copy of the state (several hosts); rerun to resume from the last checkpoint"
   name = re.sub(r"[^\w.-]+", "_", trainer.workdir.split("://", 1)[-1])
-  local = os.path.join(os.path.expanduser("~"), "npp_jax_rescue", name)
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())  # never over an earlier rescue
+  local = os.path.join(os.path.expanduser("~"), "npp_jax_rescue", name, stamp)
   try:
     rescue = checkpoint.Checkpointer(local, keep=1, async_save=False)
     rescue.save(step, state, trainer.data_iter, _checkpoint_meta(trainer, step, clock))
@@ -326,7 +335,8 @@ def _rescue(trainer: Trainer, state: Any, step: int, clock: "_Clock") -> str:
     return f"no local copy of the state either ({type(e).__name__}: {e})"
   return (
     f"the state at step {step} is saved in {rescue.directory}/{step}: copy that folder to "
-    f"{trainer.workdir}/checkpoints/{step} once the bucket is back and rerun to resume from it"
+    f"{trainer.workdir}/checkpoints/{step} once it can be written again and rerun to resume "
+    "from it"
   )
 
 
@@ -350,6 +360,7 @@ def _restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) ->
   restored = ckpt.restore_latest(abstract, trainer.data_iter, config, _dataset_record(trainer))
   if restored is not None:
     start, state, meta = restored
+    _check_data_position(trainer, ckpt, start)
     writer.truncate_after(start)
     log.info(
       "resumed from step %d (stage %d, patch side %d)", start, meta["stage"], meta["patch_side"]
@@ -364,6 +375,21 @@ def _restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) ->
     *(plan.patch_sides, c.train.global_batch_size, dict(trainer.mesh.shape)),
   )
   return start, state, meta
+
+
+def _check_data_position(trainer: Trainer, ckpt: checkpoint.Checkpointer, step: int) -> None:
+  """A run at `step` has read `step` batches: a checkpoint whose data position says
+  otherwise (its `data` item edited, or copied from another run) would train on other
+  examples than the run it continues. Refused in one line; nothing is moved."""
+  position = trainer.data_iter.get_state().get("next_index")
+  if position != step:
+    folder = storage.join(ckpt.directory, str(step))
+    raise checkpoint.CheckpointMismatchError(
+      f"the checkpoint at step {step} ({folder}) records data position {position} on "
+      f"process {jax.process_index()}, but a run at step {step} has read {step} batches: "
+      f"its data/ item was edited or comes from another run; restore the original, or move "
+      f"{folder} aside to resume from the checkpoint before it."
+    )
 
 
 def _checkpoint_meta(trainer: Trainer, done: int, clock: "_Clock") -> dict[str, Any]:
