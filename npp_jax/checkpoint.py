@@ -198,12 +198,27 @@ def saved_steps(workdir: str) -> list[int]:
 class Checkpointer:
   """Saves and restores (state, data iterator, meta) under WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    keep: int = 3,
+    async_save: bool = True,
+    every: int = 0,
+    at: tuple[int, ...] = (),
+  ):
+    """Keeps the newest `keep` checkpoints; `should_save` is true every `every` steps and
+    at the steps `at` (the stage ends and the last step)."""
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints={keep} must be >= 1.")
     self.directory = storage.join(storage.absolute(workdir), "checkpoints")
+    policies = [ocp.checkpoint_managers.SpecificStepsPolicy(frozenset(at))]
+    if every > 0:
+      policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every))
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+      # The decision is the step's alone: a save still in flight does not skip this one.
+      enable_should_save_is_saving_in_progress_check=False,
       create=True,
       enable_async_checkpointing=async_save,
       # A save that storage does not take ends the job instead of hanging it.
@@ -219,6 +234,10 @@ class Checkpointer:
     self.manager = _read(
       self.directory, ocp.CheckpointManager, self.directory, options=options, item_handlers=handlers
     )
+
+  def should_save(self, step: int) -> bool:
+    """Whether the save policy asks for a checkpoint at `step`."""
+    return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
     """Saves `state` at `step` with its fingerprint, so that restore can verify it."""

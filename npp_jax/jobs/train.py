@@ -235,47 +235,19 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # neither the throughput nor the ETA counts compile time.
   latest = max(checkpoint.saved_steps(trainer.workdir), default=0)
   trainer.compile_stages(plan.stage(min(latest, plan.total_steps - 1)))
-  ckpt = checkpoint.Checkpointer(workdir, keep=c.train.keep_checkpoints)
-  writer = metric_writer.MetricWriter(trainer.workdir)
-  start, state, meta = _restore_or_init(trainer, ckpt, writer)
-  resumed_from = start if meta else None
-  last_saved, stopped = resumed_from, None
-  clock = _Clock(float(meta.get("train_seconds", 0.0)))
-  progress = _Progress(trainer, start)
-  trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
-  pending: list = []  # (step, patch side, metrics) not yet checked to be finite
-  done = start
+  run = _Run(trainer)
+  state, done, stopped = run.state, run.start, None
   with preemption.PreemptionGuard() as guard:
     try:
-      for done in range(start + 1, plan.total_steps + 1):
-        stage = plan.stage(done - 1)
-        side = plan.patch_sides[stage]
+      for done in range(run.start + 1, plan.total_steps + 1):
+        side = plan.patch_sides[plan.stage(done - 1)]
         batch = trainer.next_batch()
-        trace.before_step(done - 1)
+        run.trace.before_step(done - 1)
         state, m = trainer.step(side, state, batch)
-        pending.append((done, side, m))
-        trace.after_step(done, m)
-        progress.advance()
-        row: dict[str, Any] = {}
-        if done % c.train.log_every_steps == 0 or done == plan.total_steps:
-          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-          row = progress.measure(done, stage, side, m)
-        if c.train.eval_every_steps and (
-          done % c.train.eval_every_steps == 0 or done == plan.total_steps
-        ):
-          row["eval/ntp_loss"], seconds = clock.paused(trainer.heldout_loss, state.params)
-          progress.throughput.exclude(seconds)
-        if row:
-          row |= {"train_flops": plan.flops_until(done), "train_seconds": clock.seconds()}
-          writer.write(done, row)
-          progress.report(done, row)
+        run.after_step(done, side, m, state)
         stop = guard.should_stop(done)
-        boundary = done in plan.stage_end_steps or done == plan.total_steps
-        if stop or boundary or done % c.train.ckpt_every_steps == 0:
-          _check_finite(pending, trainer.workdir, last_saved, resumed_from)
-          writer.flush()  # every row up to this checkpoint is written before it
-          ckpt.save(done, state, trainer.data_iter, _checkpoint_meta(trainer, done, clock))
-          last_saved = done
+        if stop or run.ckpt.should_save(done):
+          run.save(done, state)
         if stop:
           stopped = guard.received
           log.warning(
@@ -284,39 +256,90 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             *(stopped, done, plan.total_steps, trainer.workdir),
           )
           break
-      _check_finite(pending, trainer.workdir, last_saved, resumed_from)
+      run.check_finite()
     except storage.StorageError as e:
-      _close(trace, progress, ckpt, writer, failed=True)
-      raise storage.StorageError(f"{e}; {_rescue(trainer, state, done, clock)}") from None
+      run.close(failed=True)
+      raise storage.StorageError(f"{e}; {_rescue(trainer, state, done, run.clock)}") from None
     except BaseException:
-      _close(trace, progress, ckpt, writer, failed=True)
+      run.close(failed=True)
       raise
-    _close(trace, progress, ckpt, writer, failed=False)
+    run.close(failed=False)
   return {
     "step": int(jax.device_get(state.step)),
-    "metrics": progress.last,
+    "metrics": run.progress.last,
     "compile_log": trainer.compile_log,
     "state": state,
     "plan": plan,
     "cfg": trainer.cfg,
-    "resumed_from": resumed_from,
+    "resumed_from": run.resumed_from,
     "stopped_by": stopped,
   }
 
 
-def _close(trace, progress, ckpt, writer, failed: bool) -> None:
-  """Ends the trace, the bar, the pending save and the metric files; after a failure a
-  storage error while closing is logged, so that the first error is the one reported."""
-  trace.stop()  # a run that ends inside the traced steps still writes its trace
-  progress.close()
-  for close in (ckpt.close, writer.close):
-    try:
-      close()
-    except storage.StorageError as e:
-      if not failed:
-        raise
-      if not str(e).startswith("storage failed earlier"):  # not the reported error again
-        log.warning("while stopping: %s", e)
+class _Run:
+  """What the training loop keeps beside the state: the checkpoints and their policy, the
+  metric files, the clock, the progress report, the steps not yet checked to be finite."""
+
+  def __init__(self, trainer: Trainer):
+    c, plan = trainer.c, trainer.plan
+    self.trainer = trainer
+    self.ckpt = checkpoint.Checkpointer(
+      trainer.workdir,
+      keep=c.train.keep_checkpoints,
+      every=c.train.ckpt_every_steps,
+      at=(*plan.stage_end_steps, plan.total_steps),
+    )
+    self.writer = metric_writer.MetricWriter(trainer.workdir)
+    self.start, self.state, meta = _restore_or_init(trainer, self.ckpt, self.writer)
+    self.resumed_from = self.start if meta else None
+    self.last_saved = self.resumed_from
+    self.clock = _Clock(float(meta.get("train_seconds", 0.0)))
+    self.progress = _Progress(trainer, self.start)
+    self.trace = profiling.StepTrace(c.train.profile_steps, trainer.workdir)
+    self.pending: list = []  # (step, patch side, metrics) not yet checked to be finite
+
+  def after_step(self, done: int, side: int, m: dict, state: Any) -> None:
+    """Traces, advances the bar, and at the log/eval intervals writes the step's row."""
+    c, plan = self.trainer.c, self.trainer.plan
+    self.pending.append((done, side, m))
+    self.trace.after_step(done, m)
+    self.progress.advance()
+    row: dict[str, Any] = {}
+    last = done == plan.total_steps
+    if done % c.train.log_every_steps == 0 or last:
+      self.check_finite()
+      row = self.progress.measure(done, plan.stage(done - 1), side, m)
+    if c.train.eval_every_steps and (done % c.train.eval_every_steps == 0 or last):
+      row["eval/ntp_loss"], seconds = self.clock.paused(self.trainer.heldout_loss, state.params)
+      self.progress.throughput.exclude(seconds)
+    if row:
+      row |= {"train_flops": plan.flops_until(done), "train_seconds": self.clock.seconds()}
+      self.writer.write(done, row)
+      self.progress.report(done, row)
+
+  def save(self, done: int, state: Any) -> None:
+    self.check_finite()
+    self.writer.flush()  # every row up to this checkpoint is written before it
+    meta = _checkpoint_meta(self.trainer, done, self.clock)
+    self.ckpt.save(done, state, self.trainer.data_iter, meta)
+    self.last_saved = done
+
+  def check_finite(self) -> None:
+    _check_finite(self.pending, self.trainer.workdir, self.last_saved, self.resumed_from)
+
+  def close(self, failed: bool) -> None:
+    """Ends the trace, the bar, the pending save and the metric files; after a failure a
+    storage error while closing is logged, so that the first error is the one reported."""
+    self.trace.stop()  # a run that ends inside the traced steps still writes its trace
+    self.progress.close()
+    for close in (self.ckpt.close, self.writer.close):
+      try:
+        close()
+      except storage.StorageError as e:
+        if not failed:
+          raise
+        if not str(e).startswith("storage failed earlier"):  # not the reported error again
+          log.warning("while stopping: %s", e)
 
 
 def _rescue(trainer: Trainer, state: Any, step: int, clock: "_Clock") -> str:
