@@ -223,72 +223,96 @@ def check_request(c: ml_collections.ConfigDict, num_devices: int) -> None:
     )
 
 
+# The grid's random stream, apart from every batch's (batch b draws from stream b).
+GRID_STREAM = 1 << 20
+
+
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   """Writes the PNG grid and the `.npz` of `sample.num_images` images; returns their paths."""
   storage.set_deadline(c.storage_deadline_s)
-  cfg = config_lib.sampling_gpt_config(c)
-  s = c.sample
-  mesh = sampling.sampling_mesh(c.mesh.to_dict(), cfg)
-  dp = sharding.data_parallel_size(mesh)
-  check_request(c, dp)
-  decode = tokenizers.decoder(c)
-  batch = s.batch_size
-  params, weights = load_sampling_params(c, workdir, cfg, mesh)
+  gpt = config_lib.sampling_gpt_config(c)
+  mesh = sampling.sampling_mesh(c.mesh.to_dict(), gpt)
+  check_request(c, sharding.data_parallel_size(mesh))
+  decode = tokenizers.decoder(c)  # a missing tokenizer is refused before any weights load
+  params, weights = load_sampling_params(c, workdir, gpt, mesh)
   # Laid out by the mesh's rules (fsdp, tensor): a model too big for one chip is split.
-  params = jax.tree.map(lambda x: x.astype(cfg.storage_dtype), params)
-  params = jax.device_put(params, sampling.param_sharding(cfg, mesh))
-  settings = run_settings(c, cfg, weights)
+  params = jax.tree.map(lambda x: x.astype(gpt.storage_dtype), params)
+  params = jax.device_put(params, sampling.param_sharding(gpt, mesh))
+  settings = run_settings(c, gpt, weights)
   out_dir = storage.join(storage.absolute(workdir), "samples", settings_folder(settings))
-  parts_dir = storage.join(out_dir, "parts")
-  lead = jax.process_index() == 0
-  if lead:
+  if jax.process_index() == 0:
     _claim(out_dir, settings)
   multihost_utils.sync_global_devices("sample folder ready")
-  key = jax.random.key(s.seed)
-  sampler = dict(
-    cfg_scale=s.cfg_scale,
-    cfg_interval=s.cfg_interval,
-    temperature=s.temperature,
-    top_k=s.top_k,
-    top_p=s.top_p,
-    mesh=mesh,
-  )
+  draw = _Draw(c, gpt, mesh, params, decode)
+  result = {"png": _write_grid(c, workdir, out_dir, draw), "dir": out_dir}
+  if c.sample.num_images:
+    result["npz"] = _write_samples(c, out_dir, draw)
+  return result
 
-  # The picture: png_per_class samples of each of the first classes, one row per class.
-  classes = list(s.png_classes) or list(range(min(10, cfg.num_classes)))
-  grid_labels = np.repeat(np.asarray(classes, np.int32), s.png_per_class)
-  pad = (-len(grid_labels)) % dp
-  padded = np.concatenate([grid_labels, np.zeros(pad, np.int32)])
+
+class _Draw:
+  """Samples batches of labels with the run's settings; each host gets the rows its own
+  devices drew (their indices in the batch and their tokens)."""
+
+  def __init__(self, c: ml_collections.ConfigDict, gpt: GPTConfig, mesh, params, decode):
+    s = c.sample
+    self.gpt, self.params, self.decode = gpt, params, decode
+    self.dp = sharding.data_parallel_size(mesh)
+    self.key = jax.random.key(s.seed)
+    self.options = dict(
+      cfg_scale=s.cfg_scale,
+      cfg_interval=s.cfg_interval,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p,
+      mesh=mesh,
+    )
+
+  def __call__(self, labels: np.ndarray, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    key = jax.random.fold_in(self.key, stream)
+    return sharding.local_rows(
+      sampling.generate(self.params, self.gpt, labels, key, **self.options)
+    )
+
+
+def _write_grid(c: ml_collections.ConfigDict, workdir: str, out_dir: str, draw: _Draw) -> str:
+  """The picture: png_per_class samples of each of the first classes, one row per class,
+  in one batch; returns its path (also copied to WORKDIR/samples.png)."""
+  s, lead = c.sample, jax.process_index() == 0
+  classes = list(s.png_classes) or list(range(min(10, draw.gpt.num_classes)))
+  labels = np.repeat(np.asarray(classes, np.int32), s.png_per_class)
+  padded = np.concatenate([labels, np.zeros((-len(labels)) % draw.dp, np.int32)])
   if lead:
     log.info("sampling the grid: %d classes x %d images (one batch)", len(classes), s.png_per_class)
   t0 = time.perf_counter()
-  toks = sampling.generate(params, cfg, padded, jax.random.fold_in(key, 1 << 20), **sampler)
-  rows, local = sharding.local_rows(toks)
-  images = _gather_rows(rows, decode(local), len(padded))[: len(grid_labels)]
+  rows, local = draw(padded, GRID_STREAM)
+  images = _gather_rows(rows, draw.decode(local), len(padded))[: len(labels)]
   png = storage.join(out_dir, "samples.png")
   if lead:
-    names = class_names(c, cfg.num_classes)
+    names = class_names(c, draw.gpt.num_classes)
     data = _grid_png(images, [names[k] for k in classes], s.png_scale)
     storage.write_bytes(png, data)
     storage.write_bytes(storage.join(storage.absolute(workdir), "samples.png"), data)
     log.info(
       "wrote %s in %.1f s (compile included; %d classes x %d samples, cfg scale %s)",
-      png,
-      time.perf_counter() - t0,
-      len(classes),
-      s.png_per_class,
-      s.cfg_scale,
+      *(png, time.perf_counter() - t0, len(classes), s.png_per_class, s.cfg_scale),
     )
+  return png
 
-  result = {"png": png, "dir": out_dir}
-  if s.num_images == 0:
-    return result
-  labels = _labels(c, cfg.num_classes)
+
+def _write_samples(c: ml_collections.ConfigDict, out_dir: str, draw: _Draw) -> str:
+  """`sample.num_images` samples in batches, each host writing the part its devices drew
+  (a rerun does the batches still missing), assembled by host 0; returns the `.npz`."""
+  labels, batch, lead = (
+    _labels(c, draw.gpt.num_classes),
+    c.sample.batch_size,
+    jax.process_index() == 0,
+  )
   npz = storage.join(out_dir, f"samples_{len(labels)}.npz")
-  result["npz"] = npz
   if storage.exists(npz):
     log.info("%s already holds these samples (settings.json): nothing to do", npz)
-    return result
+    return npz
+  parts_dir = storage.join(out_dir, "parts")
   n_batches = -(-len(labels) // batch)
   todo = _batches_to_do(parts_dir, n_batches)
   if len(todo) < n_batches and lead:
@@ -297,35 +321,27 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 
   t0 = time.perf_counter()
   bar = tqdm(todo, desc="sampling", unit="batch", disable=not lead)
-  me, hosts = jax.process_index(), jax.process_count()
   for b in bar:
     chunk = labels[b * batch : (b + 1) * batch]
-    full = np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)])
-    toks = sampling.generate(params, cfg, full, jax.random.fold_in(key, b), **sampler)
-    # Each host decodes and writes only the rows its own devices sampled.
-    rows, local = sharding.local_rows(toks)
-    keep = rows < len(chunk)
+    rows, local = draw(np.concatenate([chunk, np.zeros(batch - len(chunk), np.int32)]), b)
+    keep = rows < len(chunk)  # each host decodes and writes only the rows it drew
     rows, local = rows[keep], local[keep]
     storage.save_npz(
-      storage.join(parts_dir, _part_name(b, me, hosts)),
+      storage.join(parts_dir, _part_name(b, jax.process_index(), jax.process_count())),
       rows=rows,
       tokens=local,
-      images=decode(local) if len(local) else np.zeros((0, 1, 1, 3), np.uint8),
+      images=draw.decode(local) if len(local) else np.zeros((0, 1, 1, 3), np.uint8),
       labels=chunk[rows],
     )
     bar.set_postfix(img_per_s=f"{(bar.n + 1) * batch / (time.perf_counter() - t0):.1f}")
   multihost_utils.sync_global_devices("samples written")
   if todo and lead:
     took = time.perf_counter() - t0
-    log.info(
-      "sampled %d images in %.1f s (%.1f images/s)",
-      len(todo) * batch,
-      took,
-      len(todo) * batch / took,
-    )
+    n = len(todo) * batch
+    log.info("sampled %d images in %.1f s (%.1f images/s)", n, took, n / took)
   if lead:
     _assemble(parts_dir, n_batches, batch, labels, npz)
-  return result
+  return npz
 
 
 def _part_name(b: int, process: int, processes: int) -> str:
