@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,24 +170,44 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = storage.absolute(e.out_dir or storage.join(workdir, "codes"))
   storage.makedirs(out_dir)
   vq_cfg, vq_params = tokenizers.load_vq(c)
-  grid = e.image_size // vq_cfg.downsample
+  grid = _token_grid(c, vq_cfg)
+  items, classes = _image_source(c)
+  _check_settings(out_dir, _settings(c, vq_cfg, len(items), classes))
+  encode = Encoder(vq_cfg, vq_params, c.tokenizer.precision, e.batch_size)
+  shards = list(_shards(len(items), e.images_per_shard))
+  host, hosts = jax.process_index(), jax.process_count()
+  _encode_shards(c, out_dir, items, encode, [s for s in shards if s[0] % hosts == host])
+  if hosts > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices("extract shards written")
+  report = _finish(out_dir, shards, classes, vq_cfg, e, grid) if host == 0 else {}
+  return {"dataset": out_dir, **report}
+
+
+def _token_grid(c: ml_collections.ConfigDict, vq_cfg) -> int:
+  """The token grid's side at extract.image_size (refused unless the tokenizer divides it;
+  a warning when the model trains on another)."""
+  e = c.extract
   if e.image_size % vq_cfg.downsample:
     raise ValueError(
       f"extract.image_size={e.image_size} is not a multiple of the tokenizer's "
       f"downsampling factor {vq_cfg.downsample}."
     )
+  grid = e.image_size // vq_cfg.downsample
   if grid != c.model.grid:
     log.warning(
       "extracting at %d px gives a %dx%d token grid but config.model.grid is %d (%d px): train "
       "at the size you extract at (--config.model.grid=%d); the reference README extracts at "
       "384 but trains at 256.",
-      e.image_size,
-      grid,
-      grid,
-      c.model.grid,
-      c.model.grid * vq_cfg.downsample,
-      grid,
+      *(e.image_size, grid, grid, c.model.grid, c.model.grid * vq_cfg.downsample, grid),
     )
+  return grid
+
+
+def _image_source(c: ml_collections.ConfigDict) -> tuple[Any, list[str]]:
+  """(items with random access, class names) of extract.source."""
+  e = c.extract
   if e.source == "imagefolder":
     items, classes = image_sources.image_folder(e.data_dir)
   elif e.source == "tfds":
@@ -197,41 +218,37 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(classes) > c.model.num_classes:
     log.warning(
       "the dataset has %d classes but config.model.num_classes is %d.",
-      len(classes),
-      c.model.num_classes,
+      *(len(classes), c.model.num_classes),
     )
-  _check_settings(out_dir, _settings(c, vq_cfg, len(items), classes))
-  encode = Encoder(vq_cfg, vq_params, c.tokenizer.precision, e.batch_size)
-  shards = list(_shards(len(items), e.images_per_shard))
-  host, hosts = jax.process_index(), jax.process_count()
-  mine = [s for s in shards if s[0] % hosts == host]
+  return items, classes
+
+
+def _encode_shards(c: ml_collections.ConfigDict, out_dir: str, items, encode, mine) -> None:
+  """Writes this host's shards not yet complete; a signal stops it between two batches
+  (StoppedBySignalError, the finished shards kept)."""
+  e = c.extract
   todo = [s for s in mine if not storage.exists(_shard_path(out_dir, s[0]) + ".json")]
   if len(todo) < len(mine):
     log.info("resuming: %d of %d shards already written", len(mine) - len(todo), len(mine))
   from tqdm import tqdm  # noqa: PLC0415
 
-  n_aug = _variants(e)
-  per_batch = max(1, encode.batch // n_aug)  # images whose variants fill a device batch
+  per_batch = max(1, encode.batch // _variants(e))  # images whose variants fill a device batch
   load = functools.partial(
     _load, image_size=e.image_size, ten_crop=e.ten_crop, crop_range=e.crop_range
   )
-  bar = tqdm(total=sum(b - a for _, a, b in todo), desc="encoding", unit="img", disable=host != 0)
+  lead = jax.process_index() == 0
+  bar = tqdm(total=sum(b - a for _, a, b in todo), desc="encoding", unit="img", disable=not lead)
   guard = preemption.PreemptionGuard(local=True, action="finishing the batch being encoded")
   done = len(mine) - len(todo)
+  stopping = lambda: guard.received is not None
   with guard, concurrent.futures.ThreadPoolExecutor(max(1, e.num_workers)) as pool:
     for k, a, b in todo:
       try:
-        if guard.received is not None:  # between two shards
+        if stopping():  # between two shards
           raise _StopRequestedError
+        batches = _items(items, a, b, per_batch)
         write_shard(
-          _shard_path(out_dir, k),
-          _items(items, a, b, per_batch),
-          encode,
-          load,
-          pool,
-          per_batch,
-          bar.update,
-          lambda: guard.received is not None,
+          _shard_path(out_dir, k), batches, encode, load, pool, per_batch, bar.update, stopping
         )
       except _StopRequestedError:
         bar.close()
@@ -243,12 +260,6 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
         ) from None
       done += 1
   bar.close()
-  if hosts > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    multihost_utils.sync_global_devices("extract shards written")
-  report = _finish(out_dir, shards, classes, vq_cfg, e, grid) if host == 0 else {}
-  return {"dataset": out_dir, **report}
 
 
 SETTINGS_FILE = "extract_settings.json"
