@@ -28,6 +28,8 @@ TOKENIZERS = ("vq", "grey")
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 # Guidance scales of the NPP paper's FID results, per model size.
 CFG_SCALES = {"B": 2.0, "L": 1.75, "XL": 1.70, "XXL": 1.65}
+# Sizes whose train state is split over every chip by default (mesh.fsdp = -1).
+FSDP_PRESETS = ("XL", "XXL", "XXXL", "3B")
 # `model.preset` of a model whose shape is not one of the presets.
 CUSTOM = "custom"
 # Fields that decide which preset a model is.
@@ -190,8 +192,12 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.study.num_images = 200  # samples judged per final model
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1  # devices the parameters and optimizer state are split over
+  # Devices the batch is split over; -1: all devices not used by the other axes.
+  c.mesh.data = 1 if preset in FSDP_PRESETS else -1
+  # Devices the parameters and optimizer state are split over: from XL up the train state
+  # (float32 params and Adam moments, 12 bytes a parameter) is split over every chip, so
+  # it fits chips that cannot hold it whole (checked with aot).
+  c.mesh.fsdp = -1 if preset in FSDP_PRESETS else 1
   c.mesh.tensor = 1  # devices heads, MLP and vocabulary are split over
   return c
 

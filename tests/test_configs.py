@@ -39,7 +39,7 @@ def test_config_file_fits_its_preset_and_schedule(name):
   if preset != config_lib.CUSTOM:
     key = "tiny" if preset == "tiny" else preset.upper()
     assert {k: getattr(cfg, k) for k in PRESETS[key]} == PRESETS[key]
-    assert name.startswith("extract") or name == key.lower()
+    assert name.startswith("extract") or name in (key.lower(), "imagenet")
   for side in npp.patch_sides(c.train.patch_level):
     npp.check_patch_side(cfg.grid, side)
   ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
@@ -49,12 +49,18 @@ def test_config_file_fits_its_preset_and_schedule(name):
 
 
 def test_imagenet_configs_state_the_paper_recipe():
-  for name, scale in (("b", 2.0), ("l", 1.75), ("xl", 1.70), ("xxl", 1.65)):
-    c = load_config_file(name)
+  """`configs/imagenet.py:SIZE` is the recipe, each `configs/<size>.py` the same config."""
+  sizes = {"b": 2.0, "l": 1.75, "xl": 1.70, "xxl": 1.65, "xxxl": 1.5, "3b": 1.5}
+  for name, scale in sizes.items():
+    c = parse(f"--config={CONFIGS / 'imagenet.py'}:{name.upper()}")
+    assert c.to_dict() == load_config_file(name).to_dict(), name
+    assert c.model.preset == name.upper()
     ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
     assert ends == [75, 150, 300] and npp.patch_sides(c.train.patch_level) == [4, 2, 1]
     assert c.train.global_batch_size == 256 and c.optim.lr == 1e-4
     assert c.sample.cfg_scale == scale
+    fsdp = name in ("xl", "xxl", "xxxl", "3b")  # the train state split over every chip
+    assert (c.mesh.data, c.mesh.fsdp) == ((1, -1) if fsdp else (-1, 1)), name
 
 
 def test_every_key_can_be_set_on_the_command_line():
