@@ -1,5 +1,5 @@
-"""GPT-3B (3.1B parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:3B`, under the name that
-commands, launchers and notebooks use.
+"""GPT-3B (3.1B parameters) on ImageNet-256: `configs/imagenet.py:3B`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/3b.py --workdir=runs/3b --config.data.path=CODES
 """

@@ -1,5 +1,5 @@
-"""GPT-B (111M parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:B`, under the name that
-commands, launchers and notebooks use.
+"""GPT-B (111M parameters) on ImageNet-256: `configs/imagenet.py:B`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/b.py --workdir=runs/b --config.data.path=CODES
 """

@@ -1,5 +1,5 @@
-"""GPT-L (343M parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:L`, under the name that
-commands, launchers and notebooks use.
+"""GPT-L (343M parameters) on ImageNet-256: `configs/imagenet.py:L`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/l.py --workdir=runs/l --config.data.path=CODES
 """

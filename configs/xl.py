@@ -1,5 +1,5 @@
-"""GPT-XL (775M parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:XL`, under the name that
-commands, launchers and notebooks use.
+"""GPT-XL (775M parameters) on ImageNet-256: `configs/imagenet.py:XL`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/xl.py --workdir=runs/xl --config.data.path=CODES
 """

@@ -1,5 +1,5 @@
-"""GPT-XXL (1.4B parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:XXL`, under the name that
-commands, launchers and notebooks use.
+"""GPT-XXL (1.4B parameters) on ImageNet-256: `configs/imagenet.py:XXL`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/xxl.py --workdir=runs/xxl --config.data.path=CODES
 """

@@ -1,5 +1,5 @@
-"""GPT-XXXL (3.9B parameters) on ImageNet-256 VQ-16 codes: `configs/imagenet.py:XXXL`, under the name that
-commands, launchers and notebooks use.
+"""GPT-XXXL (3.9B parameters) on ImageNet-256: `configs/imagenet.py:XXXL`,
+under the name that commands, launchers and notebooks use.
 
 python -m npp_jax.main --config=configs/xxxl.py --workdir=runs/xxxl --config.data.path=CODES
 """
