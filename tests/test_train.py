@@ -48,17 +48,23 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_sharded_step_equals_unsharded(data_dir, tmp_path):
+@pytest.mark.parametrize("data,fsdp,tensor", [(4, 2, 1), (2, 2, 2)])
+def test_sharded_step_equals_unsharded(data_dir, tmp_path, data, fsdp, tensor):
+  """One step on a data x FSDP mesh, and on one that also splits heads, MLP and vocabulary
+  over `tensor`, equals the step on one device."""
   c = tiny_config(data_dir)
-  c.mesh.update(data=4, fsdp=2, tensor=1)
+  c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   trainer = train.Trainer(c, str(tmp_path / "wd"))
-  assert dict(trainer.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(trainer.mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
   state = trainer.fresh_state()
   emb = state.params["tok_embeddings"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (64, 16)
+  assert len(emb.addressable_shards) == 8
+  assert emb.addressable_shards[0].data.shape == (64 // tensor, 32 // fsdp)
+  wq = state.params["layers"]["attention"]["wq"]  # (layers, dim, heads, head_dim)
+  assert wq.addressable_shards[0].data.shape[2] == 2 // tensor
   batch = trainer.global_batch(next(trainer.data_iter))
-  assert len({str(s.index) for s in batch["tokens"].addressable_shards}) == 8
+  assert len({str(s.index) for s in batch["tokens"].addressable_shards}) == data * fsdp
   host_state, host_batch = jax.device_get(state), jax.device_get(batch)
 
   ref = jax.jit(
