@@ -70,11 +70,19 @@ def _background_errors_to_file(default: Callable) -> Callable:
   return hook
 
 
+def _unraisable_to_file(info: "sys.UnraisableHookArgs") -> None:
+  """An error Python ignored (tensorstore's "Event loop is closed", one per write still
+  pending when orbax stops its loop after a failed save) goes to the log file only."""
+  text = "".join(traceback.format_exception(info.exc_type, info.exc_value, info.exc_traceback))
+  _to_log_files(f"ignored in {info.object!r}: {text.rstrip()}")
+
+
 def setup_logging() -> None:
   """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING, their
   tracebacks to the log file only."""
   absl_logging.set_verbosity(absl_logging.WARNING)
   sys.excepthook = _background_errors_to_file(sys.excepthook)
+  sys.unraisablehook = _unraisable_to_file
   for console in logging.getLogger().handlers:  # absl's (app.run installs it)
     if not any(isinstance(f, _LibraryTracebacksToFile) for f in console.filters):
       console.addFilter(_LibraryTracebacksToFile(console))
