@@ -51,6 +51,7 @@ EXTRAS = {
   "test": [
     "pytest>=8.0",
     "pytest-xdist>=3.5",
+    "filelock>=3.12",  # one reference run shared by the test workers (tests/helpers.py)
     "scipy>=1.11",
     "gcp-storage-emulator>=2024.8",
     "scikit-image>=0.22",

@@ -1,7 +1,9 @@
 """Shared test helpers: tiny configs, config files and synthetic token datasets."""
 
 import importlib.util
+import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -102,3 +104,22 @@ def read_metrics(workdir):
 
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def shared_once(tmp_path_factory, name: str, build):
+  """A folder that `build(folder)` fills once per test session, whichever xdist worker
+  asks first (the others wait for it): reference runs that several tests compare with."""
+  from filelock import FileLock  # noqa: PLC0415
+
+  # The session's base folder is per worker; its parent is shared by all of them.
+  root = pathlib.Path(tmp_path_factory.getbasetemp())
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+  with FileLock(str(root / f"shared-{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder

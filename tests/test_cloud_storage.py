@@ -21,6 +21,8 @@ import pytest
 
 from npp_jax import storage
 
+from .helpers import shared_once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "npp-test"
 # The MNIST config, made small: 3 epochs of 70 steps.
@@ -106,7 +108,8 @@ def emulator(tmp_path_factory):
 def _run(workdir, cwd, emulator, *args, env=None):
   cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/mnist.py"]
   cmd += [f"--workdir={workdir}", *OVERRIDES, *args]
-  full_env = {**os.environ, **emulator.env, "PYTHONPATH": ROOT, **(env or {})}
+  emulated = emulator.env if emulator is not None else {}
+  full_env = {**os.environ, **emulated, "PYTHONPATH": ROOT, **(env or {})}
   return subprocess.Popen(
     cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -123,6 +126,19 @@ def _losses(workdir: str) -> list[tuple]:
   return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+@pytest.fixture(scope="module")
+def unbroken_local_run(tmp_path_factory) -> str:
+  """The workdir of one unbroken run of the small MNIST config on the local disk, the
+  reference both bucket runs are compared with (made once for the test session)."""
+
+  def build(root):
+    (root / "cwd").mkdir()
+    os.symlink(os.path.join(ROOT, "configs"), root / "cwd" / "configs")
+    _finish(_run(root / "local", root / "cwd", None, "--config.compile_cache=off"))
+
+  return str(shared_once(tmp_path_factory, "unbroken-mnist-run", build) / "local")
+
+
 def _no_gs_folder(*roots) -> None:
   for root in roots:
     for folder, dirs, files in os.walk(root):
@@ -130,16 +146,13 @@ def _no_gs_folder(*roots) -> None:
 
 
 @pytest.mark.slow
-def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path):
+def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_local_run):
   cwd = tmp_path / "cwd"  # where the jobs run: a relative `gs:` folder would land here
   cwd.mkdir()
   config_dir = os.path.join(ROOT, "configs")
   os.symlink(config_dir, cwd / "configs")
   run = f"gs://{BUCKET}/run"
-
-  # The unbroken reference, on the local disk.
-  local = tmp_path / "local"
-  _finish(_run(local, cwd, emulator, "--config.compile_cache=off"))
+  local = unbroken_local_run  # the unbroken reference, on the local disk
 
   victim = _run(run, cwd, emulator)
   deadline = time.time() + 600
@@ -180,7 +193,9 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path):
 
 
 @pytest.mark.slow
-def test_lost_storage_ends_the_job_in_bounded_time_and_the_rerun_resumes(emulator, tmp_path):
+def test_lost_storage_ends_the_job_in_bounded_time_and_the_rerun_resumes(
+  emulator, tmp_path, unbroken_local_run
+):
   """A missing bucket is refused before anything compiles; storage that goes away mid-run
   ends the job within the deadline with one line (exit status 75), the state saved on the
   local disk; with storage back, the same command resumes and logs an unbroken run's
@@ -199,8 +214,7 @@ def test_lost_storage_ends_the_job_in_bounded_time_and_the_rerun_resumes(emulato
   assert "error: storage: cannot write to gs://no-such-bucket/run: the bucket " in out
   assert "compiled the train step" not in out and "devices:" not in out  # nothing ran
 
-  local = tmp_path / "local"  # the unbroken reference
-  _finish(_run(local, cwd, emulator, "--config.compile_cache=off"))
+  local = unbroken_local_run  # the unbroken reference
   run = f"gs://{BUCKET}/lost"
   victim = _run(run, cwd, emulator, *flags, env=home)
   limit = time.time() + 600

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from .helpers import write_random_dataset
+from .helpers import shared_once, write_random_dataset
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 
@@ -107,13 +107,17 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
 LONG_STEPS = 240  # 6 steps per epoch of 96 records, 40 epochs
 
 
-@pytest.fixture(scope="session")  # one per test worker
+@pytest.fixture(scope="session")
 def unbroken_long_run(tmp_path_factory):
-  """(data, workdir) of one unbroken two-host run, the reference of both SIGTERM cases."""
-  root = tmp_path_factory.mktemp("unbroken")
-  write_random_dataset(root / "data", n=96)
-  out = _cluster(root / "run", root / "data", LONG_STEPS, "train_long")
-  assert [r["step"] for r in out] == [LONG_STEPS, LONG_STEPS]
+  """(data, workdir) of one unbroken two-host run, the reference of both SIGTERM cases
+  (computed once for the test session, whichever worker runs them)."""
+
+  def build(root):
+    write_random_dataset(root / "data", n=96)
+    out = _cluster(root / "run", root / "data", LONG_STEPS, "train_long")
+    assert [r["step"] for r in out] == [LONG_STEPS, LONG_STEPS]
+
+  root = shared_once(tmp_path_factory, "unbroken-two-host-run", build)
   return root / "data", root / "run"
 
 
