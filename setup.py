@@ -91,8 +91,8 @@ setuptools.setup(
   entry_points={
     "console_scripts": [
       "npp-jax = npp_jax.main:run",
-      "npp-jax-convert = npp_jax.jobs.convert:run",
-      "npp-jax-bench = npp_jax.jobs.bench:run",
+      "npp-jax-convert = npp_jax.convert:run",
+      "npp-jax-bench = npp_jax.bench:run",
       "npp-jax-study = npp_jax.study:run",
       "npp-jax-aot = npp_jax.aot:run",
     ]

@@ -245,6 +245,20 @@ def watch_peers() -> None:
   peers.watch(on_stop)
 
 
+def run_command(main: Callable[[list[str]], int], name: str) -> None:
+  """A command that parses its own arguments (`python -m npp_jax.convert`, `.bench`):
+  `main([name, *arguments])`'s status, a failure ending as a job's does (failure_line)."""
+  setup_logging()
+  try:
+    status = main([name, *sys.argv[1:]])
+  except Exception as e:
+    line, status = failure_line(e)
+    if status == 1 or os.environ.get("NPP_TRACEBACK") == "1":
+      raise
+    print(line, file=sys.stderr)
+  sys.exit(status)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) with logging set up and every failure ending in one line (failure_line)."""
 

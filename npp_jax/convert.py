@@ -1,6 +1,13 @@
 """`python -m npp_jax.convert {gpt,vq} ...`: forwards to `npp_jax.jobs.convert`."""
 
+from npp_jax import cli
 from npp_jax.jobs import convert
 
+
+def run() -> None:
+  """Console entry point (`npp-jax-convert`)."""
+  cli.run_command(convert.main, "python -m npp_jax.convert")
+
+
 if __name__ == "__main__":
-  convert.run()
+  run()

@@ -428,12 +428,3 @@ def main(argv: list[str]) -> int:
       print(json.dumps({**best, "search": "max_batch"}), flush=True)
       batch *= 2
   return 0
-
-
-def run() -> None:
-  """Console entry point: a bad command line is one line on stderr and exit status 2."""
-  try:
-    sys.exit(main(["python -m npp_jax.bench", *sys.argv[1:]]))
-  except ValueError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)

@@ -8,8 +8,6 @@ it is chosen and overridden like everywhere else: `--config.tokenizer.preset=VQ-
 Inputs: `.pt`/`.pth` (the `torch` extra), `.npz` or `.safetensors`.
 """
 
-import sys
-
 import numpy as np
 from absl import flags
 
@@ -49,12 +47,3 @@ def main(argv: list[str]) -> int:
   out = params_io.save_params(fv.out, params, cfg, force=fv.force)
   print(f"converted {fv.checkpoint} ({n:,} parameters, {gpt_torch.describe(cfg)}) -> {out}")
   return 0
-
-
-def run() -> None:
-  """Console entry point: errors are one line on stderr and exit status 2."""
-  try:
-    sys.exit(main(["python -m npp_jax.convert", *sys.argv[1:]]))
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
