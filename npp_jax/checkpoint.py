@@ -304,6 +304,12 @@ class Checkpointer:
       try:
         state = read(self.manager.restore, step, args=state_args)["state"]
         _verify(state, meta)
+      except storage.StorageError:
+        raise
+      except Exception as e:  # noqa: BLE001
+        self._damaged(damaged, step, e)
+        continue
+      try:
         read(self.manager.restore, step, args=data_args)
       except storage.StorageError:
         raise

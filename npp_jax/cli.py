@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -53,23 +52,6 @@ class _LibraryTracebacksToFile(logging.Filter):
     return False
 
 
-def _background_errors_to_file(default: Callable) -> Callable:
-  """A library thread's error printed through sys.excepthook (tensorstore's callbacks print
-  one per pending write once orbax has closed their event loop) goes to the log file;
-  the main thread's keep the default. Installed once."""
-  if getattr(default, "npp_jax", False):
-    return default
-
-  def hook(kind, value, tb):
-    if threading.current_thread() is threading.main_thread():
-      default(kind, value, tb)
-      return
-    _to_log_files("".join(traceback.format_exception(kind, value, tb)).rstrip())
-
-  hook.npp_jax = True
-  return hook
-
-
 def _unraisable_to_file(info: "sys.UnraisableHookArgs") -> None:
   """An error Python ignored (tensorstore's "Event loop is closed", one per write still
   pending when orbax stops its loop after a failed save) goes to the log file only."""
@@ -81,7 +63,6 @@ def setup_logging() -> None:
   """npp_jax logs at INFO; the libraries (orbax, absl, grain) only at WARNING, their
   tracebacks to the log file only."""
   absl_logging.set_verbosity(absl_logging.WARNING)
-  sys.excepthook = _background_errors_to_file(sys.excepthook)
   sys.unraisablehook = _unraisable_to_file
   for console in logging.getLogger().handlers:  # absl's (app.run installs it)
     if not any(isinstance(f, _LibraryTracebacksToFile) for f in console.filters):
