@@ -153,3 +153,33 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_the_rescued_state_resumes(tmp_
   again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resumed from step {step}" in again.stderr
+
+
+def test_a_failed_data_read_rescues_the_state_under_its_own_step(tmp_path, monkeypatch):
+  """Storage lost while the batch of step 10 is read: the state of step 9 is rescued as
+  step 9 (with its data position), and a run continued from it trains on."""
+  from npp_jax.jobs import train  # noqa: PLC0415
+
+  from .helpers import tiny_config  # noqa: PLC0415
+
+  write_random_dataset(tmp_path / "data", n=96)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  read, count = train.Trainer.next_batch, [0]
+
+  def next_batch(self):
+    count[0] += 1
+    if count[0] == 10:
+      raise storage.StorageError("read the training data gs://b/codes failed after 1 s: test")
+    return read(self)
+
+  monkeypatch.setattr(train.Trainer, "next_batch", next_batch)
+  c = tiny_config(tmp_path / "data")
+  with pytest.raises(storage.StorageError) as e:
+    train.run(c, str(tmp_path / "wd"))
+  saved = re.search(r"the state at step (\d+) is saved in (\S+):", str(e.value))
+  assert saved and saved[1] == "9", str(e.value)
+  monkeypatch.setattr(train.Trainer, "next_batch", read)
+  fresh = tmp_path / "fresh"
+  shutil.copytree(saved[2], fresh / "checkpoints" / "9")
+  summary = train.run(tiny_config(tmp_path / "data", **{"train.max_steps": 12}), str(fresh))
+  assert summary["resumed_from"] == 9 and summary["step"] == 12

@@ -236,7 +236,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   latest = max(checkpoint.saved_steps(trainer.workdir), default=0)
   trainer.compile_stages(plan.stage(min(latest, plan.total_steps - 1)))
   run = _Run(trainer)
-  state, done, stopped = run.state, run.start, None
+  state, stopped = run.state, None
   with preemption.PreemptionGuard() as guard:
     try:
       for done in range(run.start + 1, plan.total_steps + 1):
@@ -259,7 +259,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       run.check_finite()
     except storage.StorageError as e:
       run.close(failed=True)
-      raise storage.StorageError(f"{e}; {_rescue(trainer, state, done, run.clock)}") from None
+      raise storage.StorageError(f"{e}; {_rescue(trainer, state, run.clock)}") from None
     except BaseException:
       run.close(failed=True)
       raise
@@ -342,12 +342,14 @@ class _Run:
           log.warning("while stopping: %s", e)
 
 
-def _rescue(trainer: Trainer, state: Any, step: int, clock: "_Clock") -> str:
+def _rescue(trainer: Trainer, state: Any, clock: "_Clock") -> str:
   """Saves the state on the local disk when storage failed (one host only: several hosts
-  have no shared local disk); returns what was done, for the error line."""
+  have no shared local disk); returns what was done, for the error line. The step is the
+  state's own: a read that failed before its step ran leaves the state a step behind."""
   if jax.process_count() > 1:
     return "no local copy of the state (several hosts); rerun to resume from the last checkpoint"
   name = re.sub(r"[^\w.-]+", "_", trainer.workdir.split("://", 1)[-1])
+  step = int(jax.device_get(state.step))
   stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())  # never over an earlier rescue
   local = os.path.join(os.path.expanduser("~"), "npp_jax_rescue", name, stamp)
   try:
