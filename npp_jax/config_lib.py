@@ -52,7 +52,8 @@ def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
 def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   """Every knob of the reference scripts, for a model size (B, L, XL, XXL, XXXL, 3B, tiny).
 
-  The defaults are the NPP paper's ImageNet-256 recipe; `configs/*.py` state theirs.
+  The defaults are the NPP paper's ImageNet-256 recipe (`configs/imagenet.py:SIZE`); each
+  job's keys are set by one of SECTIONS, a comment beside each key saying what it means.
   """
   c = ml_collections.ConfigDict()
   c.mode = "train"  # one of MODES: which job `python -m npp_jax.main` runs
@@ -73,6 +74,14 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # The reference's `--mixed-precision bf16`: params float32, matmuls in bf16.
   c.model.dtype = "bfloat16"
 
+  for section in SECTIONS:
+    section(c, preset)
+  return c
+
+
+def _training_keys(c: ml_collections.ConfigDict, preset: str) -> None:
+  """The data, the training loop and the optimizer."""
+  del preset  # the same for every size
   c.data = ml_collections.ConfigDict()
   # A directory of ArrayRecord shards written by `mode=extract`; several, separated by
   # commas, are extractions of the same images (e.g. crop ranges 1.1 and 1.05, as the
@@ -121,6 +130,10 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 1.0  # the reference code's default; the paper uses 5
   c.optim.decay_ratio = 0.2  # share of each stage over which the lr decays to end_lr
 
+
+def _tokenizer_keys(c: ml_collections.ConfigDict, preset: str) -> None:
+  """The image tokenizer and the extraction of token datasets."""
+  del preset  # the same for every size
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.name = "vq"  # LlamaGen's VQ tokenizer; "grey" for the embedded demo
   c.tokenizer.preset = "VQ-16"  # or "VQ-8"
@@ -150,6 +163,9 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   c.extract.batch_size = 0
   c.extract.num_workers = 8  # image decoding threads
 
+
+def _judging_keys(c: ml_collections.ConfigDict, preset: str) -> None:
+  """Sampling and evaluation."""
   c.sample = ml_collections.ConfigDict()
   c.sample.checkpoint = ""  # "": newest checkpoint of --workdir; or converted dir / .pt file
   c.sample.use_ema = True  # sample from EMA weights when the run kept them
@@ -185,12 +201,20 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
 
   # `python -m npp_jax.study`: the schedules (1 = next-token prediction) and seeds it
   # trains on the same data and epochs, and the samples each final model is judged on.
+
+
+def _study_keys(c: ml_collections.ConfigDict, preset: str) -> None:
+  """The NPP-versus-NTP study."""
+  del preset  # the same for every size
   c.study = ml_collections.ConfigDict()
   c.study.patch_levels = (1, 2, 3)  # schedules compared (1: next-token prediction)
   c.study.epoch_rate = 0.5  # NPP stage-end rate of the study's schedules
   c.study.seeds = (0, 1)  # seeds per schedule
   c.study.num_images = 200  # samples judged per final model
 
+
+def _mesh_keys(c: ml_collections.ConfigDict, preset: str) -> None:
+  """How devices are laid out."""
   c.mesh = ml_collections.ConfigDict()
   # Devices the batch is split over; -1: all devices not used by the other axes.
   c.mesh.data = 1 if preset in FSDP_PRESETS else -1
@@ -199,7 +223,10 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # it fits chips that cannot hold it whole (checked with aot).
   c.mesh.fsdp = -1 if preset in FSDP_PRESETS else 1
   c.mesh.tensor = 1  # devices heads, MLP and vocabulary are split over
-  return c
+
+
+# The sections of get_config after the run-wide keys and the model, in order.
+SECTIONS = (_training_keys, _tokenizer_keys, _judging_keys, _study_keys, _mesh_keys)
 
 
 def preset_of(cfg: GPTConfig) -> str | None:
@@ -430,7 +457,9 @@ def key_meanings() -> dict[str, str]:
     f"model.{k}": v for k, v in _comments(inspect.getsource(GPTConfig), r"(\w+): [^=]+=").items()
   }
   out["model.preset"] = _comments(inspect.getsource(model_config), r"d\.(preset) = ")["preset"]
-  return out | _comments(inspect.getsource(get_config), r"c\.([\w.]+) = ")
+  for builder in (get_config, *SECTIONS):
+    out |= _comments(inspect.getsource(builder), r"c\.([\w.]+) = ")
+  return out
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
