@@ -75,14 +75,18 @@ def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
     np.testing.assert_array_equal(z["arr_0"], arr)
 
 
-def test_a_run_is_sampled_without_its_model_flags(tmp_path, caplog):
-  """mode=sample on a training workdir takes the model and data from the run's checkpoint;
-  a flag that contradicts the run is refused, one that only changes how it runs is taken."""
+def test_a_run_is_sampled_without_its_model_flags(tmp_path, caplog, monkeypatch):
+  """mode=sample on a training workdir takes the model and data from the run's checkpoint
+  (the data path recorded absolute, so sampling from another directory finds it); a flag
+  that contradicts the run is refused, one that only changes how it runs is taken."""
   data = tmp_path / "data"
   write_random_dataset(data)
   wd = tmp_path / "wd"
-  trained = _sample_config(data, **{"model.n_layer": 3, "model.n_head": 4})
+  monkeypatch.chdir(tmp_path)
+  trained = _sample_config("data", **{"model.n_layer": 3, "model.n_head": 4})  # relative
   train.run(trained, str(wd))
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
 
   def fresh():
     c = _sample_config("")  # no data path and the default 2-layer model: none of the run's

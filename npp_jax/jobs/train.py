@@ -422,11 +422,15 @@ def _checkpoint_meta(trainer: Trainer, done: int, clock: "_Clock") -> dict[str, 
   with, the config and dataset it must be continued with, the training time so far."""
   plan = trainer.plan
   stage = plan.stage(min(done, plan.total_steps - 1))
+  config = checkpoint.config_to_dict(trainer.c)
+  for key in ("path", "eval_path"):  # absolute: a sampler started elsewhere finds them
+    paths = [p.strip() for p in str(config["data"][key]).split(",") if p.strip()]
+    config["data"][key] = ",".join(storage.absolute(p) for p in paths)
   return {
     "step": done,
     "stage": stage,
     "patch_side": plan.patch_sides[stage],
-    "config": checkpoint.config_to_dict(trainer.c),
+    "config": config,
     "model": trainer.cfg.to_dict(),
     "dataset": _dataset_record(trainer),
     "train_seconds": clock.seconds(),
