@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .helpers import write_random_dataset
+from .helpers import shared_once, write_random_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,15 +42,25 @@ def _losses(workdir):
   return [(r["step"], r["loss"], r["patch_side"]) for r in rows]
 
 
-@pytest.mark.slow
-def test_sigkill_and_restart_is_exact(tmp_path):
-  data = tmp_path / "data"
-  write_random_dataset(data, n=96)  # 6 steps per epoch, 96 steps, stages end at 24, 48, 96
-  config = _config_file(tmp_path, data)
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+  """(config file, workdir) of one unbroken run, the reference of both interruption tests
+  (trained once for the test session, whichever worker asks first)."""
 
-  full = _run(config, tmp_path / "full")
-  out, _ = full.communicate(timeout=600)
-  assert full.returncode == 0, out
+  def build(root):
+    # 6 steps per epoch, 96 steps, stages end at 24, 48, 96
+    write_random_dataset(root / "data", n=96)
+    full = _run(_config_file(root, root / "data"), root / "full")
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+
+  root = shared_once(tmp_path_factory, "unbroken-interrupted-run", build)
+  return str(root / "kill_config.py"), root / "full"
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_is_exact(tmp_path, unbroken):
+  config, full = unbroken
 
   victim_dir = tmp_path / "victim"
   victim = _run(config, victim_dir)
@@ -75,18 +85,14 @@ def test_sigkill_and_restart_is_exact(tmp_path):
   # workdir instead of compiling it again (and, below, computes exactly the same losses).
   assert "loaded (compilation cache) the train step" in out, out
   assert any((victim_dir / "compile_cache").iterdir())
-  want, got = _losses(tmp_path / "full"), _losses(victim_dir)
+  want, got = _losses(full), _losses(victim_dir)
   assert [s for s, _, _ in got] == list(range(1, 97))
   assert got == want, "bitwise-identical losses, step for step"
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path):
-  data = tmp_path / "data"
-  write_random_dataset(data, n=96)
-  config = _config_file(tmp_path, data)
-  full = _run(config, tmp_path / "full")
-  assert full.wait(timeout=600) == 0
+def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path, unbroken):
+  config, full = unbroken
   victim_dir = tmp_path / "victim"
   victim = _run(config, victim_dir)
   deadline = time.time() + 600
@@ -109,4 +115,4 @@ def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path):
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out
   assert f"resumed from step {stopped_at}" in out
-  assert _losses(victim_dir) == _losses(tmp_path / "full")
+  assert _losses(victim_dir) == _losses(full)
