@@ -13,6 +13,7 @@ Restoring tells two failures apart:
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -54,16 +55,23 @@ FIXED_KEYS = (
   "train.ema_decay",
   "seed",
 )
-# What of the dataset fixes the step -> (epoch, record) mapping and the shapes.
-DATASET_KEYS = (
-  "num_records",
-  "grid",
-  "vocab_size",
-  "num_classes",
-  "n_aug",
-  "steps_per_epoch",
-  "extractions",
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+  """What of the dataset fixes the step -> (epoch, record) mapping and the shapes: a
+  checkpoint is continued only on a dataset with the same record."""
+
+  num_records: int
+  grid: int
+  vocab_size: int
+  num_classes: int
+  n_aug: int
+  steps_per_epoch: int
+  extractions: int
+
+
+DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetRecord))
 
 
 class CheckpointMismatchError(ValueError):

@@ -366,14 +366,18 @@ def _rescue(trainer: Trainer, state: Any, clock: "_Clock") -> str:
 
 
 def _dataset_record(trainer: Trainer) -> dict[str, Any]:
-  """What of the dataset a checkpoint must be continued with (checkpoint.DATASET_KEYS)."""
+  """What of the dataset a checkpoint must be continued with (checkpoint.DatasetRecord)."""
   info = trainer.info
-  return {
-    **{k: getattr(info, k) for k in ("num_records", "grid", "vocab_size", "num_classes")},
-    "n_aug": info.n_aug,
-    "steps_per_epoch": trainer.plan.steps_per_epoch,
-    "extractions": len(trainer.data_dirs),
-  }
+  record = checkpoint.DatasetRecord(
+    num_records=info.num_records,
+    grid=info.grid,
+    vocab_size=info.vocab_size,
+    num_classes=info.num_classes,
+    n_aug=info.n_aug,
+    steps_per_epoch=trainer.plan.steps_per_epoch,
+    extractions=len(trainer.data_dirs),
+  )
+  return dataclasses.asdict(record)
 
 
 def _restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) -> tuple:
