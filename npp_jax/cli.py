@@ -1,4 +1,5 @@
-"""What the command lines share: logging set-up, and bad input as one line on stderr."""
+"""What the command lines share: logging (console and WORKDIR/logs), and every failure
+ending in one line and an exit status (failure_line), on several hosts on every host."""
 
 import contextlib
 import copy

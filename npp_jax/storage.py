@@ -159,7 +159,8 @@ def bounded(op: str, retry: bool = True) -> Callable:
 def call_with_deadline(op: str, path: str, fn: Callable[[], Any]) -> Any:
   """fn() (which reaches `path` through a client of its own, e.g. ArrayRecord's) within the
   deadline when `path` is a bucket; StorageError after it. No retry: fn may not be
-  repeatable (it advances an iterator)."""
+  repeatable (it advances an iterator). A local path runs fn directly: no thread is started
+  where no deadline is needed (the trainer calls this every step)."""
   return bounded(op, retry=False)(lambda _path: fn())(path)
 
 
