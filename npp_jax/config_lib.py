@@ -200,7 +200,7 @@ def _judging_keys(c: ml_collections.ConfigDict, preset: str) -> None:
   c.eval.judge_cache = ""  # the digit judge's weights (default: WORKDIR/classifier.npz)
 
   # `python -m npp_jax.study`: the schedules (1 = next-token prediction) and seeds it
-  # trains on the same data and epochs, and the samples each final model is judged on.
+  # trains on the same data and epochs, and when their samples are judged.
 
 
 def _study_keys(c: ml_collections.ConfigDict, preset: str) -> None:
@@ -210,7 +210,14 @@ def _study_keys(c: ml_collections.ConfigDict, preset: str) -> None:
   c.study.patch_levels = (1, 2, 3)  # schedules compared (1: next-token prediction)
   c.study.epoch_rate = 0.5  # NPP stage-end rate of the study's schedules
   c.study.seeds = (0, 1)  # seeds per schedule
-  c.study.num_images = 200  # samples judged per final model
+  c.study.num_images = 200  # samples judged at each quality point
+  # Quality points per run, spread evenly over its epochs; every stage end is added.
+  c.study.quality_points = 6
+  # Adds NTP trained for the FLOPs NPP at this patch level spends (0: no such runs).
+  c.study.flops_matched_level = 0
+  # Folder of the finished runs' records (default: WORKDIR/records); a run with a record is
+  # not trained again.
+  c.study.records = ""
 
 
 def _mesh_keys(c: ml_collections.ConfigDict, preset: str) -> None:
@@ -379,6 +386,15 @@ def check_study(c: ml_collections.ConfigDict) -> None:
     npp.stage_boundaries(c.train.epochs, level, st.epoch_rate)  # every stage gets epochs
   if st.num_images < 1:
     raise ValueError(f"config.study.num_images={st.num_images} must be >= 1.")
+  if st.quality_points < 1:
+    raise ValueError(f"config.study.quality_points={st.quality_points} must be >= 1.")
+  if st.flops_matched_level and (
+    st.flops_matched_level < 2 or st.flops_matched_level not in st.patch_levels
+  ):
+    raise ValueError(
+      f"config.study.flops_matched_level={st.flops_matched_level} is not one of the study's NPP "
+      f"patch_levels {tuple(st.patch_levels)}: use one of them, or 0 for no FLOP-matched runs."
+    )
   if not c.train.eval_every_steps:
     raise ValueError("config.train.eval_every_steps must be > 0: the study compares held-out loss.")
   check_training(c)
