@@ -57,6 +57,10 @@ LOCATION_KEYS = (
 QUALITY_KEYS = ("heldout_ntp_loss", "class_accuracy", "frechet_distance")
 
 
+class StoppedError(Exception):
+  """A run's training was stopped (SIGTERM, preemption) and saved: the study stops too."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One training run of the study: a schedule, a seed and its length."""
@@ -146,7 +150,9 @@ def _quality_point(r: ml_collections.ConfigDict, workdir: str, epoch: int, step:
   """Trains to `step` (resuming), samples from those weights and judges the samples."""
   r = copy.deepcopy(r)
   r.train.max_steps = step  # the schedule (and its learning rates) stays the whole run's
-  train.run(r, workdir)
+  stopped_by = train.run(r, workdir)["stopped_by"]
+  if stopped_by:
+    raise StoppedError(f"{workdir} stopped by {stopped_by} before step {step}")
   out = sample.run(r, workdir)
   if f"/step{step}-" not in out["dir"]:  # the newest checkpoint must be this point's
     raise RuntimeError(f"{workdir}: sampled {out['dir']}, expected the weights of step {step}.")
@@ -377,7 +383,10 @@ def main(argv):
   root = storage.absolute(flags.FLAGS.workdir)
   storage.makedirs(root)
   cli.log_to_workdir(root, "study", 0)
-  run_study(c, root)
+  try:
+    run_study(c, root)
+  except StoppedError as e:
+    log.warning("%s; run the same command to go on where it stopped", e)
 
 
 def run():

@@ -105,6 +105,18 @@ def test_study_end_to_end_resumable_and_rebuilt_from_records(tmp_path):
   assert json.loads((kept / "NTP-seed0.json").read_text()) == ntp
 
 
+def test_study_stops_when_a_run_is_stopped(tmp_path, monkeypatch):
+  """A run stopped by SIGTERM (checkpoint saved) stops the study: nothing is sampled from
+  the weights it stopped at, and no record is written."""
+  c = _tiny_study(tmp_path)
+  monkeypatch.setattr(study.train, "run", lambda r, workdir: {"stopped_by": "SIGTERM"})
+  with pytest.raises(study.StoppedError, match="NTP-seed0 stopped by SIGTERM before step 10"):
+    study.run_study(c, str(tmp_path / "study"))
+  assert not list(tmp_path.glob("study/runs/*/samples")) and not list(
+    tmp_path.glob("study/records/*")
+  )
+
+
 def _sample_stamps(root):
   found = sorted(root.glob("runs/*/samples/*/samples_16.npz"))
   return {str(p): os.path.getmtime(p) for p in found}
