@@ -8,13 +8,13 @@ eval step (`eval`), the sampling decode loop at `sample.batch_size` with the con
 guidance (`sample`), the VQ encoder at `extract.batch_size` x `extract.image_size`
 (`extract`, VQ tokenizers) and the FID Inception at `eval.batch_size` (`inception`, when
 `eval.kind` is inception). Each is built by the function the job itself calls, over the
-compile-only chips of `--topology` (see npp_jax/topologies.py), and compiled by the real
-TPU or GPU compiler. One JSON line per program, then a table: memory per chip, whether it
-fits (with 5% headroom), FLOPs (the compiled program's matmuls, loop bodies multiplied
-out) beside the model's, the collectives, and a roofline step time (FLOPs at the chip's
-peak, bytes at its HBM bandwidth, collectives over its links; an estimate, not a
-measurement). `--fit` searches, per stage, the largest global batch that fits and the
-cheapest overrides that make the recipe's batch fit.
+compile-only chips of `--topology` (see npp_jax/accelerators/topologies.py), and compiled
+by the real TPU or GPU compiler. One JSON line per program, then a table: memory per
+chip, whether it fits (with 5% headroom), FLOPs (the compiled program's matmuls, loop
+bodies multiplied out) beside the model's, the collectives, and a roofline step time
+(FLOPs at the chip's peak, bytes at its HBM bandwidth, collectives over its links; an
+estimate, not a measurement). `--fit` searches, per stage, the largest global batch that
+fits and the cheapest overrides that make the recipe's batch fit.
 """
 
 import dataclasses
@@ -44,17 +44,8 @@ for _key, _value in (
 
 import jax  # noqa: E402
 
-from npp_jax import (  # noqa: E402
-  cli,
-  config_lib,
-  hardware,
-  hlo_ops,
-  programs,
-  sampling,
-  sharding,
-  tokenizers,
-  topologies,
-)
+from npp_jax import cli, config_lib, programs, sampling, sharding, tokenizers  # noqa: E402
+from npp_jax.accelerators import hardware, hlo_ops, topologies  # noqa: E402
 from npp_jax.evaluation import inception_fid  # noqa: E402
 from npp_jax.models import gpt_flops  # noqa: E402
 

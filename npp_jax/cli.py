@@ -17,7 +17,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from npp_jax import checkpoint, config_lib, peers, preemption, storage
+from npp_jax import config_lib
+from npp_jax.infra import checkpoint, peers, preemption, storage
 
 # What a job raises for bad input or a state it refuses: printed as one line (exit status 2);
 # NPP_TRACEBACK=1 shows the traceback instead.

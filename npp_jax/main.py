@@ -11,7 +11,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from npp_jax import cli, compile_cache, config_lib, run_config, storage
+from npp_jax import cli, config_lib, run_config
+from npp_jax.infra import compile_cache, storage
 from npp_jax.jobs import evaluate, extract, sample, train
 
 JOBS = {"train": train.run, "sample": sample.run, "eval": evaluate.run, "extract": extract.run}

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from npp_jax import config_lib, hardware, npp, sharding, train_step
+from npp_jax import config_lib, npp, sharding, train_step
+from npp_jax.accelerators import hardware
 from npp_jax.data import pipeline
 from npp_jax.models import gpt_flops
 from npp_jax.models.gpt import GPTConfig

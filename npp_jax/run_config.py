@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from npp_jax import checkpoint, storage
+from npp_jax.infra import checkpoint, storage
 from npp_jax.models.vqgan import VQ_PRESETS
 
 log = logging.getLogger(__name__)

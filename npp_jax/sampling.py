@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from npp_jax import hardware, sharding
+from npp_jax import sharding
+from npp_jax.accelerators import hardware
 from npp_jax.models.gpt import (
   GPT,
   GPTConfig,

@@ -31,9 +31,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from npp_jax import cli, config_lib, programs, storage
+from npp_jax import cli, config_lib, programs
 from npp_jax.data import datasets
 from npp_jax.data.records import DatasetInfo
+from npp_jax.infra import storage
 from npp_jax.jobs import evaluate, sample, train
 
 log = logging.getLogger("npp_jax.study")

@@ -15,9 +15,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from npp_jax import config_lib, params_io, sharding, storage, torch_io
+from npp_jax import config_lib, sharding
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
-from npp_jax.models import vqgan_torch
+from npp_jax.infra import storage, torch_io
+from npp_jax.models import params_io, vqgan_torch
 from npp_jax.models.vqgan import VQConfig, VQModel, abstract_params, codes_to_images_uint8
 
 

@@ -19,7 +19,8 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from npp_jax import main, storage  # noqa: E402
+from npp_jax import main  # noqa: E402
+from npp_jax.infra import storage  # noqa: E402
 from npp_jax.jobs import train  # noqa: E402
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import sys
 import jax
 import pytest
 
-from npp_jax import config_lib, hardware, hlo_ops, programs, sampling, sharding, topologies
+from npp_jax import config_lib, programs, sampling, sharding
+from npp_jax.accelerators import hardware, hlo_ops, topologies
 from npp_jax.jobs import train
 from npp_jax.models import gpt_flops
 from tests.helpers import tiny_config, write_random_dataset

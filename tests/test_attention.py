@@ -140,7 +140,7 @@ def test_attention_dropout_is_seeded_and_active():
 
 
 def test_mfu_uses_the_device_peak_and_omits_unknown_devices():
-  from npp_jax import hardware
+  from npp_jax.accelerators import hardware
 
   class Dev:
     def __init__(self, kind):

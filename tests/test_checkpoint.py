@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from npp_jax import checkpoint, sharding
+from npp_jax import sharding
+from npp_jax.infra import checkpoint
 from npp_jax.jobs import train
 
 from .helpers import read_metrics, tiny_config, write_random_dataset

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 from .helpers import shared_once
 
@@ -254,10 +254,11 @@ def test_convert_extract_and_sample_weights_in_a_bucket(emulator, tmp_path, gold
   uploaded, read back through its own GCS client) equal to extraction on a local disk."""
   from PIL import Image  # noqa: PLC0415
 
-  from npp_jax import config_lib, params_io, torch_io  # noqa: PLC0415
+  from npp_jax import config_lib
   from npp_jax.data import pipeline  # noqa: PLC0415
+  from npp_jax.infra import torch_io
   from npp_jax.jobs import extract, sample  # noqa: PLC0415
-  from npp_jax.models import gpt_torch  # noqa: PLC0415
+  from npp_jax.models import gpt_torch, params_io  # noqa: PLC0415
   from npp_jax.models.gpt import GPTConfig  # noqa: PLC0415
 
   from .manifest_weights import generate  # noqa: PLC0415
@@ -315,7 +316,7 @@ def test_storage_lost_while_restoring_is_a_storage_error_and_moves_no_checkpoint
   the deadline: the checkpoints are not called damaged, and none is set aside."""
   import jax  # noqa: PLC0415
 
-  from npp_jax import checkpoint  # noqa: PLC0415
+  from npp_jax.infra import checkpoint  # noqa: PLC0415
   from npp_jax.jobs import train  # noqa: PLC0415
 
   from .helpers import tiny_config, write_random_dataset  # noqa: PLC0415

@@ -190,7 +190,7 @@ def test_every_config_key_has_a_meaning_and_print_config_lists_them():
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
-  from npp_jax import checkpoint  # noqa: PLC0415
+  from npp_jax.infra import checkpoint  # noqa: PLC0415
 
   meanings = config_lib.key_meanings()
   keys = checkpoint.flatten(checkpoint.config_to_dict(config_lib.get_config("B")))

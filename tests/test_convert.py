@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from npp_jax import params_io, torch_io
-from npp_jax.models import gpt_torch
+from npp_jax.infra import torch_io
+from npp_jax.models import gpt_torch, params_io
 from npp_jax.models.gpt import GPT, GPTConfig
 
 from .conftest import require_torch

@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from npp_jax import digests, torch_io
+from npp_jax.infra import digests, torch_io
 
 
 def test_a_sidecar_digest_is_checked_before_the_file_is_read(tmp_path):

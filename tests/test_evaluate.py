@@ -177,8 +177,8 @@ def test_images_are_read_a_batch_at_a_time_with_the_same_features(tmp_path, ince
   images than the covariance has dimensions says that the FID is not comparable."""
   import logging
 
-  from npp_jax import torch_io
   from npp_jax.evaluation import sample_batches
+  from npp_jax.infra import torch_io
   from npp_jax.models import inception_torch
 
   images = _images(10, 3)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import config_lib, preemption, tokenizers
+from npp_jax import config_lib, tokenizers
 from npp_jax.data import image_sources, pipeline, preprocess
 from npp_jax.data.records import DatasetInfo
+from npp_jax.infra import preemption
 from npp_jax.jobs import extract, train
 
 from .conftest import require_tfds

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from npp_jax import npp, torch_io
+from npp_jax import npp
+from npp_jax.infra import torch_io
 from npp_jax.models import gpt, gpt_torch
 from npp_jax.models.gpt import GPT, GPTConfig
 

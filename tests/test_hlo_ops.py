@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from npp_jax import hlo_ops, train_step
+from npp_jax import train_step
+from npp_jax.accelerators import hlo_ops
 from npp_jax.models.gpt import GPTConfig
 
 # A hand-written module in the shapes GPU programs take: a fusion, an unfused multiply, a

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npp_jax import params_io, run_config, torch_io
+from npp_jax import run_config
+from npp_jax.infra import torch_io
 from npp_jax.jobs import sample, train
-from npp_jax.models import gpt_torch
+from npp_jax.models import gpt_torch, params_io
 from npp_jax.models.gpt import GPTConfig
 
 from .helpers import convert_tiny_vq, tiny_config, write_random_dataset

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from npp_jax import sampling, sharding, torch_io
+from npp_jax import sampling, sharding
+from npp_jax.infra import torch_io
 from npp_jax.models import gpt, gpt_torch
 from npp_jax.models.gpt import GPT, GPTConfig
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 from .helpers import write_random_dataset
 

@@ -12,9 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from npp_jax import config_lib, params_io, sharding, torch_io, train_step
+from npp_jax import config_lib, sharding, train_step
+from npp_jax.infra import torch_io
 from npp_jax.jobs import train
-from npp_jax.models import gpt_torch
+from npp_jax.models import gpt_torch, params_io
 from npp_jax.models.gpt import GPTConfig
 
 from .helpers import tiny_config, write_random_dataset
@@ -358,7 +359,7 @@ def test_plan_matches_reference_arithmetic():
 
 
 def test_throughput_rates(monkeypatch):
-  from npp_jax import metric_writer
+  from npp_jax.infra import metric_writer
 
   clock = iter([0.0, 10.0, 20.0])
   monkeypatch.setattr(metric_writer.time, "perf_counter", lambda: next(clock))
@@ -375,7 +376,7 @@ def test_throughput_rates(monkeypatch):
 def test_eta_counts_the_expensive_stages_still_to_come():
   """Stages of 100 steps costing 1, 4 and 16 units per step: during the cheap first stage
   the ETA must count the later stages' FLOPs, not extrapolate the first stage's speed."""
-  from npp_jax import metric_writer
+  from npp_jax.infra import metric_writer
 
   eta = metric_writer.StageEta((100, 200, 300), (1.0, 4.0, 16.0))
   assert np.isnan(eta.seconds_left(0, 300))

@@ -5,9 +5,9 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from npp_jax import storage
 from npp_jax.data import mnist
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
+from npp_jax.infra import storage
 
 
 def dataset_dirs(

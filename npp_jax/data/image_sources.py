@@ -3,7 +3,7 @@
 Both give random access to (image, label) items, so extraction can read any shard.
 """
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 

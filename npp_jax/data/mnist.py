@@ -11,10 +11,10 @@ import tempfile
 
 import numpy as np
 
-from npp_jax import storage
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.data.pipeline import TokenSource
 from npp_jax.data.records import DatasetInfo, write_shards
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from npp_jax import storage
 from npp_jax.data.records import DatasetInfo, decode_record
+from npp_jax.infra import storage
 
 _REBUILD = (
   "the dataset is damaged; rebuild it with `--config.mode=extract` (the embedded digits "

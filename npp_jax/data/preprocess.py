@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 
 def center_crop_arr(img: Image.Image, image_size: int) -> Image.Image:

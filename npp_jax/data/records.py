@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 MAGIC = b"NPP1"
 _HEADER = struct.Struct("<4siii")

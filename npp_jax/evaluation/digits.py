@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from npp_jax import storage
 from npp_jax.data import pipeline
 from npp_jax.data.grey_tokenizer import GreyLevelTokenizer
 from npp_jax.data.records import DatasetInfo
 from npp_jax.evaluation import stats
 from npp_jax.evaluation.sample_batches import load_npz
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

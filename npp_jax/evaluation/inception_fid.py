@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from npp_jax import digests, sharding, storage
+from npp_jax import sharding
 from npp_jax.evaluation import stats
 from npp_jax.evaluation.sample_batches import NpzImages, load_npz, npz_keys
+from npp_jax.infra import digests, storage
 from npp_jax.models import inception
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 
 def check_images(arr: Any, what: str) -> np.ndarray:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, hardware, hlo_ops, npp, sampling, sharding, tokenizers, train_step
+from npp_jax import config_lib, npp, sampling, sharding, tokenizers, train_step
+from npp_jax.accelerators import hardware, hlo_ops
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
 from npp_jax.evaluation import inception_fid
@@ -308,7 +309,7 @@ def bench_extract(c, config_file: str, overrides: list[str], images: int) -> dic
   import subprocess  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
 
-  from npp_jax import params_io  # noqa: PLC0415
+  from npp_jax.models import params_io  # noqa: PLC0415
 
   cfg = config_lib.vq_config(c)
   with tempfile.TemporaryDirectory(prefix="npp_bench_extract_") as tmp:

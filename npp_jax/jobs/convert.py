@@ -11,8 +11,9 @@ Inputs: `.pt`/`.pth` (the `torch` extra), `.npz` or `.safetensors`.
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, params_io, torch_io
-from npp_jax.models import gpt_torch, vqgan_torch
+from npp_jax import config_lib
+from npp_jax.infra import torch_io
+from npp_jax.models import gpt_torch, params_io, vqgan_torch
 
 KINDS = ("gpt", "vq")
 

@@ -14,9 +14,10 @@ import time
 import jax
 import ml_collections
 
-from npp_jax import sharding, storage, torch_io
+from npp_jax import sharding
 from npp_jax.data import datasets
 from npp_jax.evaluation import digits, inception_fid, sample_batches
+from npp_jax.infra import storage, torch_io
 from npp_jax.models import inception_torch
 
 log = logging.getLogger(__name__)

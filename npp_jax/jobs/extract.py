@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from npp_jax import preemption, sharding, storage, tokenizers
+from npp_jax import sharding, tokenizers
 from npp_jax.data import image_sources, preprocess
 from npp_jax.data.records import DatasetInfo, encode_record
+from npp_jax.infra import preemption, storage
 
 log = logging.getLogger(__name__)
 

@@ -30,18 +30,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from npp_jax import (
-  checkpoint,
-  config_lib,
-  params_io,
-  sampling,
-  sharding,
-  storage,
-  tokenizers,
-  torch_io,
-)
+from npp_jax import config_lib, sampling, sharding, tokenizers
 from npp_jax.data import records
-from npp_jax.models import gpt_torch
+from npp_jax.infra import checkpoint, storage, torch_io
+from npp_jax.models import gpt_torch, params_io
 from npp_jax.models.gpt import GPTConfig, abstract_params
 
 log = logging.getLogger(__name__)

@@ -13,22 +13,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from npp_jax import (
-  checkpoint,
-  compile_cache,
-  config_lib,
-  hardware,
-  metric_writer,
-  params_io,
-  preemption,
-  profiling,
-  programs,
-  sharding,
-  storage,
-  train_step,
-)
+from npp_jax import config_lib, programs, sharding, train_step
+from npp_jax.accelerators import hardware
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
+from npp_jax.infra import checkpoint, compile_cache, metric_writer, preemption, profiling, storage
+from npp_jax.models import params_io
 from npp_jax.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from npp_jax.infra.torch_io import mismatch_error, to_numpy
 from npp_jax.models.gpt_config import PRESETS, GPTConfig
-from npp_jax.torch_io import mismatch_error, to_numpy
 
 
 def torch_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:

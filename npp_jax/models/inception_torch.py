@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from npp_jax.infra.torch_io import mismatch_error
 from npp_jax.models.inception import abstract_variables
-from npp_jax.torch_io import mismatch_error
 
 
 def _flax_path(name: str) -> tuple[str, tuple[str, ...]] | None:

@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from npp_jax.infra.torch_io import mismatch_error
 from npp_jax.models.vqgan import VQConfig, abstract_params
-from npp_jax.torch_io import mismatch_error
 
 # Buffers of the reference that are not parameters (codebook usage statistics).
 _IGNORED = re.compile(r"(^|\.)codebook_used$")

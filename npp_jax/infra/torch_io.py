@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from npp_jax import digests, storage
+from npp_jax.infra import digests, storage
 
 log = logging.getLogger(__name__)
 

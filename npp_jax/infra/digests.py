@@ -16,7 +16,7 @@ import os
 import re
 import time
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 import jax
 from jax import monitoring
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

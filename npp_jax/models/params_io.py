@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from npp_jax import storage
+from npp_jax.infra import storage
 from npp_jax.models.gpt import abstract_params
 from npp_jax.models.gpt_config import GPTConfig
 

@@ -11,7 +11,7 @@ GPU names take `<chip>:<chips>`; several hosts of 8 from 16 chips up.
 import re
 from typing import Any
 
-from npp_jax import hardware
+from npp_jax.accelerators import hardware
 
 # Topology names seen to work with libtpu's get_topology_desc (others of the same form
 # usually do too; the compiler says when not).

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from npp_jax import storage
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from npp_jax import config_lib, storage
+from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ class StepTrace:
   """Starts the trace before step `start + 1` and stops it once step `end` is done."""
 
   def __init__(self, steps: Sequence[int], workdir: str):
-    config_lib.check_profile_steps(steps)
     self.start, self.end = tuple(steps) or (-1, -1)
     self.target = storage.join(storage.absolute(workdir), "profile")
     self._local: str | None = None
