@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 from npp_jax import npp
-from npp_jax.models.gpt_config import PRESETS, GPTConfig
+from npp_jax.models.gpt_config import FIXED_FIELDS, PRESETS, GPTConfig
 from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,16 @@ CFG_SCALES = {"B": 2.0, "L": 1.75, "XL": 1.70, "XXL": 1.65}
 FSDP_PRESETS = ("XL", "XXL", "XXXL", "3B")
 # `model.preset` of a model whose shape is not one of the presets.
 CUSTOM = "custom"
+# Keys a checkpoint is continued with only when they are as saved: what its weights are
+# (GPTConfig's fixed fields) and what maps a step to its stage and data.
+FIXED_KEYS = tuple(f"model.{name}" for name in FIXED_FIELDS) + (
+  "train.global_batch_size",
+  "train.epochs",
+  "train.patch_level",
+  "train.epoch_rate",
+  "train.ema_decay",
+  "seed",
+)
 # Fields that decide which preset a model is.
 _SHAPE_FIELDS = ("dim", "n_layer", "n_head")
 

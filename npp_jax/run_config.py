@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from npp_jax import config_lib
 from npp_jax.infra import checkpoint, storage
 from npp_jax.models.vqgan import VQ_PRESETS
 
@@ -26,7 +27,7 @@ SECTIONS = ("model", "tokenizer", "data")
 # Keys that decide what the weights are and what their tokens mean: a command-line value
 # that differs from the run's is refused.
 _TOKENIZER_KEYS = ("name", "preset", "codebook_embed_dim", "ch", "z_channels", "levels")
-FIXED = tuple(k for k in checkpoint.FIXED_KEYS if k.startswith("model.")) + tuple(
+FIXED = tuple(k for k in config_lib.FIXED_KEYS if k.startswith("model.")) + tuple(
   f"tokenizer.{k}" for k in _TOKENIZER_KEYS
 )
 

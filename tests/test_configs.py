@@ -205,3 +205,21 @@ def test_every_config_key_has_a_meaning_and_print_config_lists_them():
   kv = "model.n_kv_head = 4  # key/value heads for grouped-query attention (None: n_head)"
   assert kv in lines
   assert "train.epochs = 300  # passes over the data, all NPP stages together" in lines
+
+
+def test_fixed_keys_are_the_fields_gptconfig_marks_fixed():
+  """The keys a checkpoint must keep come from GPTConfig's own field marks (plus the
+  schedule's), and every one is a key of the config."""
+  import dataclasses
+
+  from npp_jax.models.gpt_config import GPTConfig
+
+  marked = {f.name for f in dataclasses.fields(GPTConfig) if f.metadata.get("fixed")}
+  assert {"dim", "n_layer", "vocab_size", "grid", "class_dropout_prob"} <= marked
+  assert "dtype" not in marked and "scan_unroll" not in marked  # compute settings may change
+  model_keys = {k.split(".", 1)[1] for k in config_lib.FIXED_KEYS if k.startswith("model.")}
+  assert model_keys == marked
+  c = config_lib.get_config("B")
+  for key in config_lib.FIXED_KEYS:
+    section, _, name = key.rpartition(".")
+    assert name in (c[section] if section else c), key

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -34,27 +34,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from npp_jax.infra import storage
 
 log = logging.getLogger(__name__)
-
-# Config entries that change shapes or the step -> (stage, data) mapping: a checkpoint
-# written under other values cannot be continued.
-FIXED_KEYS = (
-  "model.dim",
-  "model.n_layer",
-  "model.n_head",
-  "model.n_kv_head",
-  "model.vocab_size",
-  "model.num_classes",
-  "model.grid",
-  "model.multiple_of",
-  "model.ffn_dim_multiplier",
-  "model.class_dropout_prob",
-  "train.global_batch_size",
-  "train.epochs",
-  "train.patch_level",
-  "train.epoch_rate",
-  "train.ema_decay",
-  "seed",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +77,10 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_conflicts(saved: dict, current: dict) -> list[str]:
-  """`key: saved -> current` for every FIXED_KEYS entry that differs."""
+def config_conflicts(saved: dict, current: dict, keys: Sequence[str]) -> list[str]:
+  """`key: saved -> current` for every one of `keys` that differs."""
   out = []
-  for key in FIXED_KEYS:
+  for key in keys:
     a, b = _lookup(saved, key), _lookup(current, key)
     if a != b:
       out.append(f"{key}: checkpoint {a!r}, config {b!r}")
@@ -213,12 +192,15 @@ class Checkpointer:
     async_save: bool = True,
     every: int = 0,
     at: tuple[int, ...] = (),
+    fixed_keys: Sequence[str] = (),
   ):
     """Keeps the newest `keep` checkpoints; `should_save` is true every `every` steps and
-    at the steps `at` (the stage ends and the last step)."""
+    at the steps `at` (the stage ends and the last step). A checkpoint whose config differs
+    in one of `fixed_keys` (flat `section.key` names) is refused on restore."""
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints={keep} must be >= 1.")
     self.directory = storage.join(storage.absolute(workdir), "checkpoints")
+    self.fixed_keys = tuple(fixed_keys)
     policies = [ocp.checkpoint_managers.SpecificStepsPolicy(frozenset(at))]
     if every > 0:
       policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every))
@@ -343,7 +325,7 @@ class Checkpointer:
   def _check_fits(self, step, meta, saved_tree, abstract_state, config, dataset) -> None:
     where = f"the checkpoint at step {step} in {self.directory}"
     fix = "Use the original settings, or a new --workdir to start a fresh run."
-    conflicts = config_conflicts(meta.get("config", {}), config)
+    conflicts = config_conflicts(meta.get("config", {}), config, self.fixed_keys)
     conflicts += dataset_conflicts(meta.get("dataset"), dataset)
     if conflicts:
       raise CheckpointMismatchError(

@@ -278,6 +278,7 @@ class _Run:
       keep=c.train.keep_checkpoints,
       every=c.train.ckpt_every_steps,
       at=(*plan.stage_end_steps, plan.total_steps),
+      fixed_keys=config_lib.FIXED_KEYS,
     )
     self.writer = metric_writer.MetricWriter(trainer.workdir)
     self.start, self.state, meta = _restore_or_init(trainer, self.ckpt, self.writer)

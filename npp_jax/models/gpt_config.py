@@ -25,6 +25,12 @@ def find_multiple(n: int, k: int) -> int:
   return n if n % k == 0 else n + k - (n % k)
 
 
+def _fixed(default: Any) -> Any:
+  """A field the trained weights fix: a checkpoint is continued, and a run's weights are
+  sampled, only with the value they were trained with."""
+  return dataclasses.field(default=default, metadata={"fixed": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   """LlamaGen `ModelArgs` for class-conditional generation, plus compute settings.
@@ -33,19 +39,19 @@ class GPTConfig:
   `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of params.
   """
 
-  dim: int = 768  # width of the residual stream
-  n_layer: int = 12  # transformer blocks
-  n_head: int = 12  # attention heads (head size dim / n_head)
-  n_kv_head: int | None = None  # key/value heads for grouped-query attention (None: n_head)
-  vocab_size: int = 16384  # tokenizer codebook size (VQ-16: 16384)
-  num_classes: int = 1000  # class labels (the null class for guidance is one more)
-  grid: int = 16  # tokens per image side (256 px / VQ-16 = 16)
+  dim: int = _fixed(768)  # width of the residual stream
+  n_layer: int = _fixed(12)  # transformer blocks
+  n_head: int = _fixed(12)  # attention heads (head size dim / n_head)
+  n_kv_head: int | None = _fixed(None)  # key/value heads for grouped-query attention (None: n_head)
+  vocab_size: int = _fixed(16384)  # tokenizer codebook size (VQ-16: 16384)
+  num_classes: int = _fixed(1000)  # class labels (the null class for guidance is one more)
+  grid: int = _fixed(16)  # tokens per image side (256 px / VQ-16 = 16)
   cls_token_num: int = 1  # class-condition tokens before the image tokens
-  multiple_of: int = 256  # SwiGLU hidden width is rounded up to a multiple of this
-  ffn_dim_multiplier: float | None = None  # scales the SwiGLU hidden width (None: 8/3 dim)
+  multiple_of: int = _fixed(256)  # SwiGLU hidden width is rounded up to a multiple of this
+  ffn_dim_multiplier: float | None = _fixed(None)  # scales the SwiGLU hidden width (None: 8/3 dim)
   norm_eps: float = 1e-5  # RMSNorm epsilon
   rope_base: float = 10000.0  # 2D rotary embedding base
-  class_dropout_prob: float = 0.1  # labels dropped to the null class in training (for guidance)
+  class_dropout_prob: float = _fixed(0.1)  # labels dropped to the null class (for guidance)
   token_dropout_p: float = 0.1  # dropout on the token embeddings
   resid_dropout_p: float = 0.1  # dropout on each block's attention output
   ffn_dropout_p: float = 0.1  # dropout on each block's MLP output
@@ -174,3 +180,7 @@ class GPTConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+# The fields marked `_fixed` above: what a checkpoint's weights are.
+FIXED_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.metadata.get("fixed"))
