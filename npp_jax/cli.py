@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -182,7 +182,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     print(f"error: config file {e.filename} line {e.lineno}: {e.msg}", file=sys.stderr)
     sys.exit(2)
   except (flags.Error, AttributeError, KeyError) as e:
-    print(f"error: {config_lib.flag_error(argv, e)}", file=sys.stderr)
+    print(f"error: {flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -228,18 +228,69 @@ def watch_peers() -> None:
   peers.watch(on_stop)
 
 
-def run_command(main: Callable[[list[str]], int], name: str) -> None:
-  """A command that parses its own arguments (`python -m npp_jax.convert`, `.bench`):
-  `main([name, *arguments])`'s status, a failure ending as a job's does (failure_line)."""
+def run_command(
+  job: Callable[[str, flags.FlagValues, list[str]], int],
+  choices: Sequence[str],
+  define_flags: Callable[[flags.FlagValues], None],
+  name: str,
+) -> None:
+  """A command with a first argument and its own flags (`python -m npp_jax.convert`,
+  `.bench`): parses `name WHAT --config=FILE [--flags]` (parse_command), then exits with
+  `job(WHAT, flags, argv)`'s status, a failure ending as a job's does (failure_line)."""
   setup_logging()
+  argv = [name, *sys.argv[1:]]
   try:
-    status = main([name, *sys.argv[1:]])
+    what, fv = parse_command(argv, choices, define_flags)
+    status = job(what, fv, argv)
   except Exception as e:
     line, status = failure_line(e)
     if status == 1 or os.environ.get("NPP_TRACEBACK") == "1":
       raise
     print(line, file=sys.stderr)
   sys.exit(status)
+
+
+def flag_error(argv: Sequence[str], e: Exception) -> str:
+  """One line for a command line ml_collections or absl refused (unknown key, bad value)."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return str(e).splitlines()[0]
+  # ml_collections raises KeyError("'epoch'\nDid you mean ...?"), maybe inside AttributeError.
+  text: object = e
+  while isinstance(text, BaseException):
+    text = text.args[0] if text.args else ""
+  text = str(text)
+  key, _, hint = text.partition("\n")
+  key = key.strip("'\"")
+  arg = next((a for a in argv if a.startswith("--config.") and f".{key}" in a), "")
+  line = f"unknown config key {key!r}" + (f" in {arg.split('=')[0]}" if arg else "")
+  return line + (f"; {hint.strip()[0].lower()}{hint.strip()[1:]}" if hint.strip() else "")
+
+
+def parse_command(
+  argv: Sequence[str], choices: Sequence[str], define_flags: Callable[[flags.FlagValues], None]
+) -> tuple[str, flags.FlagValues]:
+  """Parses `PROG WHAT --config=FILE [--config.a.b=v ...] [--flag=v ...]`.
+
+  `--config` is a config file whose keys the command line overrides, as for
+  `python -m npp_jax.main`; `define_flags` adds the command's own flags. Returns WHAT and
+  the parsed flags; a bad command line is one ValueError with the usage.
+  """
+  argv = list(argv)
+  usage = f"usage: {argv[0]} {{{','.join(choices)}}} --config=configs/FILE.py [--flags]"
+  if len(argv) < 2 or argv[1] not in choices:
+    got = argv[1] if len(argv) > 1 else "nothing"
+    raise ValueError(f"the first argument must be one of {tuple(choices)}, got {got!r}.\n{usage}")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py).", flag_values=fv, sys_argv=argv
+  )
+  flags.mark_flag_as_required("config", flag_values=fv)
+  define_flags(fv)
+  try:
+    fv(argv[:1] + argv[2:])
+  except (flags.Error, AttributeError, KeyError) as e:
+    raise ValueError(f"{flag_error(argv, e)}\n{usage}") from None
+  return argv[1], fv
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -10,11 +10,9 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
 
 import ml_collections
-from absl import flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 
 from npp_jax import npp
 from npp_jax.models.gpt_config import FIXED_FIELDS, PRESETS, GPTConfig
@@ -414,49 +412,6 @@ def check_mode(c: ml_collections.ConfigDict) -> None:
   """A one-line error for an unknown `config.mode`."""
   if c.mode not in MODES:
     raise ValueError(f"config.mode={c.mode!r}; choose one of {MODES}.")
-
-
-def flag_error(argv: Sequence[str], e: Exception) -> str:
-  """One line for a command line ml_collections or absl refused (unknown key, bad value)."""
-  if not isinstance(e, (AttributeError, KeyError)):
-    return str(e).splitlines()[0]
-  # ml_collections raises KeyError("'epoch'\nDid you mean ...?"), maybe inside AttributeError.
-  text: object = e
-  while isinstance(text, BaseException):
-    text = text.args[0] if text.args else ""
-  text = str(text)
-  key, _, hint = text.partition("\n")
-  key = key.strip("'\"")
-  arg = next((a for a in argv if a.startswith("--config.") and f".{key}" in a), "")
-  line = f"unknown config key {key!r}" + (f" in {arg.split('=')[0]}" if arg else "")
-  return line + (f"; {hint.strip()[0].lower()}{hint.strip()[1:]}" if hint.strip() else "")
-
-
-def parse_command(
-  argv: Sequence[str], choices: Sequence[str], define_flags: Callable[[flags.FlagValues], None]
-) -> tuple[str, flags.FlagValues]:
-  """Parses `PROG WHAT --config=FILE [--config.a.b=v ...] [--flag=v ...]`.
-
-  `--config` is a config file whose keys the command line overrides, as for
-  `python -m npp_jax.main`; `define_flags` adds the command's own flags. Returns WHAT and
-  the parsed flags; a bad command line is one ValueError with the usage.
-  """
-  argv = list(argv)
-  usage = f"usage: {argv[0]} {{{','.join(choices)}}} --config=configs/FILE.py [--flags]"
-  if len(argv) < 2 or argv[1] not in choices:
-    got = argv[1] if len(argv) > 1 else "nothing"
-    raise ValueError(f"the first argument must be one of {tuple(choices)}, got {got!r}.\n{usage}")
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py).", flag_values=fv, sys_argv=argv
-  )
-  flags.mark_flag_as_required("config", flag_values=fv)
-  define_flags(fv)
-  try:
-    fv(argv[:1] + argv[2:])
-  except (flags.Error, AttributeError, KeyError) as e:
-    raise ValueError(f"{flag_error(argv, e)}\n{usage}") from None
-  return argv[1], fv
 
 
 def _comments(source: str, pattern: str) -> dict[str, str]:

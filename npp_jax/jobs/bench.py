@@ -374,7 +374,8 @@ def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e) or "OOM" in str(e)
 
 
-def _define_flags(fv: flags.FlagValues) -> None:
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags beside `--config`."""
   flags.DEFINE_integer("batch", 32, "global batch", flag_values=fv)
   flags.DEFINE_integer("patch_side", 1, "NPP patch side of the train step", flag_values=fv)
   flags.DEFINE_integer("image_size", 256, "tokenizer benchmark resolution", flag_values=fv)
@@ -390,9 +391,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
   )
 
 
-def main(argv: list[str]) -> int:
-  """`argv[1]` is what to measure (train, sample, tokenizer, eval); the rest are flags."""
-  what, fv = config_lib.parse_command(argv, WHAT, _define_flags)
+def run(what: str, fv: flags.FlagValues, argv: list[str]) -> int:
+  """Measures `what` (WHAT) with the parsed flags; `argv` gives `extract` the command
+  line's config overrides for its subprocess. Returns the exit status."""
   c = fv.config
   mesh = sharding.make_mesh(c.mesh.to_dict())
   if what == "extract":

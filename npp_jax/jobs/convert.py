@@ -18,7 +18,8 @@ from npp_jax.models import gpt_torch, params_io, vqgan_torch
 KINDS = ("gpt", "vq")
 
 
-def _define_flags(fv: flags.FlagValues) -> None:
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags beside `--config`."""
   flags.DEFINE_string("checkpoint", None, ".pt/.pth/.npz/.safetensors file", flag_values=fv)
   flags.DEFINE_string("out", None, "output directory (orbax params + config)", flag_values=fv)
   flags.DEFINE_string("key", None, "checkpoint entry to read (default: model)", flag_values=fv)
@@ -30,9 +31,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.mark_flag_as_required(name, flag_values=fv)
 
 
-def main(argv: list[str]) -> int:
-  """`argv[1]` is the kind (gpt or vq); the rest are flags."""
-  kind, fv = config_lib.parse_command(argv, KINDS, _define_flags)
+def run(kind: str, fv: flags.FlagValues, argv: list[str]) -> int:
+  """Converts `--checkpoint` of `kind` (gpt or vq) into `--out`; returns the exit status."""
+  del argv  # the parsed flags say everything
   c = fv.config
   trust = fv.trust_checkpoint or c.trust_checkpoint
   sd = torch_io.load_torch_checkpoint(fv.checkpoint, key=fv.key, trust=trust)
