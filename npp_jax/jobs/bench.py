@@ -16,6 +16,7 @@ Settings come from the config (`--config.sample.cfg_scale=1.75`, ...). Each resu
 printed as one JSON line; BENCHMARKS.md records them.
 """
 
+import copy
 import functools
 import itertools
 import json
@@ -23,13 +24,14 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from npp_jax import config_lib, npp, sampling, sharding, tokenizers, train_step
+from npp_jax import config_lib, npp, programs, sampling, sharding, tokenizers, train_step
 from npp_jax.accelerators import hardware, hlo_ops
 from npp_jax.data import datasets, pipeline
 from npp_jax.data.records import DatasetInfo
@@ -144,58 +146,27 @@ def _real_batches(c, cfg, batch: int, steps: int, mesh, cache_dir: str):
 def bench_train(
   c, batch: int, patch_side: int, repeats: int, mesh, real_data_dir: str = ""
 ) -> dict:
-  """Step time on a constant random batch; with `real_data_dir`, also with batches read
-  through the input pipeline each step, whose extra time is the input stall."""
-  cfg = config_lib.gpt_config(c)
-  sched = lambda step: c.optim.lr
-  tx = train_step.make_optimizer(c.optim, sched)
-  init = functools.partial(train_step.init_state, cfg, tx, ema=c.train.ema_decay > 0)
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.logical_sharding(boxed, mesh)
-  state = jax.jit(lambda k: train_step.unboxed(init(k)), out_shardings=state_sh)(jax.random.key(0))
+  """The trainer's own step (`programs.TrainPrograms`) timed on a constant random batch;
+  with `real_data_dir`, also on batches read through the input pipeline each step, whose
+  extra time is the input stall."""
+  c = copy.deepcopy(c)
+  c.train.global_batch_size = batch
+  p = programs.TrainPrograms(c, mesh, None)
+  state = p.init(jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch_sh = sharding.batch_sharding(mesh)
   data = {
-    "tokens": jax.device_put(
-      rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len), dtype=np.int32), batch_sh
-    ),
-    "label": jax.device_put(rng.integers(0, cfg.num_classes, batch, dtype=np.int32), batch_sh),
+    "tokens": rng.integers(0, p.cfg.vocab_size, (batch, p.cfg.seq_len), dtype=np.int32),
+    "label": rng.integers(0, p.cfg.num_classes, batch, dtype=np.int32),
   }
-  fn = jax.jit(
-    functools.partial(
-      train_step.train_step,
-      cfg=cfg,
-      tx=tx,
-      schedule=sched,
-      root_key=jax.random.key(1),
-      patch_side=patch_side,
-      grad_accum_steps=c.train.grad_accum_steps,
-    ),
-    in_shardings=(state_sh, batch_sh),
-    donate_argnums=0,
-  )
+  data = jax.device_put(data, p.batch_sharding)
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh):  # as the trainer compiles it
-    compiled = fn.lower(state, data).compile()
+  compiled = p.lower_step(patch_side).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(3):
-    state, m = compiled(state, data)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    state, m = compiled(state, data)
-  jax.block_until_ready(m)
-  t = (time.perf_counter() - t0) / repeats
+  state, t = _seconds_per_step(compiled, state, itertools.repeat(data), 3, repeats)
   real = {}
   if real_data_dir:
-    batches = _real_batches(c, cfg, batch, repeats + 1, mesh, real_data_dir)
-    state, m = compiled(state, next(batches))
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for b in itertools.islice(batches, repeats):
-      state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    t_real = (time.perf_counter() - t0) / repeats
+    batches = _real_batches(c, p.cfg, batch, repeats + 1, mesh, real_data_dir)
+    state, t_real = _seconds_per_step(compiled, state, batches, 1, repeats)
     real = {
       "ms_per_step_real_data": round(1e3 * t_real, 2),
       "input_stall": round(t_real / t - 1.0, 4),
@@ -205,16 +176,28 @@ def bench_train(
     "model": c.model.preset,
     "batch": batch,
     "patch_side": patch_side,
-    "seq_len": (cfg.grid // patch_side) ** 2,
-    **_model_settings(cfg),
+    "seq_len": (p.cfg.grid // patch_side) ** 2,
+    **_model_settings(p.cfg),
     "ms_per_step": round(1e3 * t, 2),
     "images_per_sec": round(batch / t, 1),
-    **_utilisation(gpt_flops.train_step_flops(cfg, patch_side, batch) / t),
+    **_utilisation(gpt_flops.train_step_flops(p.cfg, patch_side, batch) / t),
     **real,
     "compile_sec": round(compile_s, 1),
     **_op_counts(compiled.as_text()),
     **_machine(),
   }
+
+
+def _seconds_per_step(compiled, state, batches, warmup: int, repeats: int) -> tuple[Any, float]:
+  """(state, mean seconds per step of `repeats` steps after `warmup` untimed ones)."""
+  for b in itertools.islice(batches, warmup):
+    state, m = compiled(state, b)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for b in itertools.islice(batches, repeats):
+    state, m = compiled(state, b)
+  jax.block_until_ready(m)
+  return state, (time.perf_counter() - t0) / repeats
 
 
 def bench_schedule(c, batch: int, repeats: int, mesh, report=lambda row: None) -> dict:
