@@ -208,9 +208,17 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
     if mem is None or hbm is None
     else bool(mem["total"] <= programs.HEADROOM * hbm * hardware.GIB)
   )
+  row |= _cost(compiled, prog, chip, mesh.size)
+  row["compile_sec"] = round(seconds, 1)
+  return row
+
+
+def _cost(compiled, prog: Program, chip, chips: int) -> dict[str, Any]:
+  """FLOPs, bytes, loops and collectives of a compiled program, the compiler's own
+  estimate, and a roofline time on `chip` (when its data sheet is known)."""
   cost = hlo_ops.program_cost(compiled.as_text())
-  row["flops_per_chip"] = cost.matmul_flops
-  row["model_flops_per_chip"] = prog.model_flops / mesh.size if prog.model_flops else None
+  row: dict[str, Any] = {"flops_per_chip": cost.matmul_flops}
+  row["model_flops_per_chip"] = prog.model_flops / chips if prog.model_flops else None
   row["bytes_per_chip"] = cost.bytes_accessed
   row["loops"] = dict(cost.loops)
   if cost.unknown_trip_counts:
@@ -229,9 +237,8 @@ def analyse(prog: Program, topology: str, mesh) -> dict[str, Any]:
       row["est_images_per_sec"] = round(prog.global_batch / (work + comm), 1)
     if prog.model_flops:
       row["est_mfu"] = round(
-        prog.model_flops / mesh.size / (chip.peak_bf16_tflops * 1e12) / (work + comm), 4
+        prog.model_flops / chips / (chip.peak_bf16_tflops * 1e12) / (work + comm), 4
       )
-  row["compile_sec"] = round(seconds, 1)
   return row
 
 

@@ -90,6 +90,26 @@ def ntp_loss(params: Any, batch: dict[str, jax.Array], cfg: GPTConfig) -> jax.Ar
   return npp.patch_cross_entropy(logits, batch["tokens"], cfg.grid, 1)
 
 
+def _accumulated(grad_fn: Callable, tokens, labels, rng, k: int, params) -> tuple[Any, Any]:
+  """Mean loss and gradient over k micro-batches (rows j*k + i form micro-batch i, so
+  every device keeps its own rows), summed in a scan in the parameters' dtype."""
+  b = tokens.shape[0]
+  micro_tokens = jnp.swapaxes(tokens.reshape(b // k, k, -1), 0, 1)
+  micro_labels = jnp.swapaxes(labels.reshape(b // k, k), 0, 1)
+
+  def body(carry, xs):
+    loss_sum, grad_sum = carry
+    i, t, y = xs
+    loss, grads = grad_fn(t, y, jax.random.fold_in(rng, i))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss, grads), _ = jax.lax.scan(
+    body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(k), micro_tokens, micro_labels)
+  )
+  return loss / k, jax.tree.map(lambda g: g / k, grads)
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -129,22 +149,7 @@ def train_step(
   if grad_accum_steps == 1:
     loss, grads = grad_fn(tokens, labels, rng)
   else:
-    k = grad_accum_steps
-    b = tokens.shape[0]
-    micro_tokens = jnp.swapaxes(tokens.reshape(b // k, k, -1), 0, 1)
-    micro_labels = jnp.swapaxes(labels.reshape(b // k, k), 0, 1)
-
-    def body(carry, xs):
-      loss_sum, grad_sum = carry
-      i, t, y = xs
-      loss, grads = grad_fn(t, y, jax.random.fold_in(rng, i))
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss, grads), _ = jax.lax.scan(
-      body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(k), micro_tokens, micro_labels)
-    )
-    loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+    loss, grads = _accumulated(grad_fn, tokens, labels, rng, grad_accum_steps, state.params)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

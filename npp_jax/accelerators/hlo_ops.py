@@ -469,67 +469,80 @@ class _Program:
     return step if step and step > 0 else 1
 
   def walk(self, comp: str, mult: int, in_loop: bool, cost: ProgramCost) -> None:
+    """Adds to `cost` what computation `comp` does when it runs `mult` times."""
     for inst in self.comps.get(comp, []):
       op = inst.opcode
       if op == "while":
-        body = re.search(r"body=" + _NAME, inst.line)
-        trips = self.trip_count(inst, comp)
-        if trips is None:
-          cost.unknown_trip_counts += 1
-          trips = 1
-        cost.loops.append((inst.name, trips))
-        if body:
-          self.walk(body.group(1), mult * trips, True, cost)
-        continue
-      if op == "conditional":
-        branches = re.findall(r"(?:true_computation|false_computation)=" + _NAME, inst.line)
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", inst.line):
-          branches += re.findall(_NAME, group)
-        best = None
-        for b in branches:
-          trial = ProgramCost()
-          self.walk(b, mult, in_loop, trial)
-          if best is None or trial.bytes_accessed + trial.matmul_flops > (
-            best.bytes_accessed + best.matmul_flops
-          ):
-            best = trial
-        if best is not None:
-          _merge(cost, best)
-        continue
-      if op in ("call", "async-start"):
+        self._loop(inst, comp, mult, cost)
+      elif op == "conditional":
+        self._costliest_branch(inst, mult, in_loop, cost)
+      elif op in ("call", "async-start"):
         for callee in re.findall(r"(?:to_apply|calls)=" + _NAME, inst.line):
           self.walk(callee, mult, in_loop, cost)
-        continue
-      base = op.removesuffix("-start")
-      if base in _COLLECTIVES:
-        arrays = _ARRAY.findall(_strip_layouts(inst.shape))
-        size = _size(inst.shape)
-        if op.endswith("-start") and len(arrays) > 1 and base != "all-reduce":
-          # An async start's tuple holds its input, its output and (collective-permute)
-          # scalar u32 context words: count the output, the last array with a shape.
-          shaped = [a for a in arrays if a[1].strip()] or arrays
-          size = _size(f"{shaped[-1][0]}[{shaped[-1][1]}]")
-          arrays = shaped[-1:]
-        dtypes = tuple(sorted({dt for dt, _ in arrays})) or ("?",)
-        cost.collectives.append(Collective(base, dtypes, size, _group(inst.line), mult, in_loop))
-        continue
-      if op in _NO_TRAFFIC or op.endswith("-done"):
-        continue
-      if op == "fusion":
-        callee = re.search(r"calls=" + _NAME, inst.line)
-        flops = self.fused_flops(callee.group(1)) if callee else 0.0
-        nbytes = self.fusion_bytes(inst, callee.group(1)) if callee else _size(inst.shape)
-      else:
-        flops = _matmul_flops(inst, self.shapes)
-        if op == "dynamic-update-slice" and len(inst.operands) > 1:
-          nbytes = 2 * _size(self.shapes.get(inst.operands[1], ""))
-        elif op in _SLICING:
-          nbytes = 2 * _size(inst.shape)
-        else:
-          nbytes = _size(inst.shape) + sum(_size(self.shapes.get(o, "")) for o in inst.operands)
-      cost.matmul_flops += mult * flops
-      cost.bytes_accessed += mult * nbytes
-      cost.ops.append((flops, nbytes, mult))
+      elif op.removesuffix("-start") in _COLLECTIVES:
+        cost.collectives.append(_collective(inst, mult, in_loop))
+      elif not (op in _NO_TRAFFIC or op.endswith("-done")):
+        flops, nbytes = self._op_cost(inst)
+        cost.matmul_flops += mult * flops
+        cost.bytes_accessed += mult * nbytes
+        cost.ops.append((flops, nbytes, mult))
+
+  def _loop(self, inst: _Inst, comp: str, mult: int, cost: ProgramCost) -> None:
+    """A while loop: its body counted once per trip (once if the trip count is unknown)."""
+    body = re.search(r"body=" + _NAME, inst.line)
+    trips = self.trip_count(inst, comp)
+    if trips is None:
+      cost.unknown_trip_counts += 1
+      trips = 1
+    cost.loops.append((inst.name, trips))
+    if body:
+      self.walk(body.group(1), mult * trips, True, cost)
+
+  def _costliest_branch(self, inst: _Inst, mult: int, in_loop: bool, cost: ProgramCost):
+    """A conditional: the branch with the most bytes and FLOPs (an upper bound)."""
+    branches = re.findall(r"(?:true_computation|false_computation)=" + _NAME, inst.line)
+    for group in re.findall(r"branch_computations=\{([^}]*)\}", inst.line):
+      branches += re.findall(_NAME, group)
+    best = None
+    for b in branches:
+      trial = ProgramCost()
+      self.walk(b, mult, in_loop, trial)
+      if best is None or trial.bytes_accessed + trial.matmul_flops > (
+        best.bytes_accessed + best.matmul_flops
+      ):
+        best = trial
+    if best is not None:
+      _merge(cost, best)
+
+  def _op_cost(self, inst: _Inst) -> tuple[float, int]:
+    """(matmul FLOPs, bytes read and written) of one instruction or fusion."""
+    op = inst.opcode
+    if op == "fusion":
+      callee = re.search(r"calls=" + _NAME, inst.line)
+      flops = self.fused_flops(callee.group(1)) if callee else 0.0
+      nbytes = self.fusion_bytes(inst, callee.group(1)) if callee else _size(inst.shape)
+      return flops, nbytes
+    flops = _matmul_flops(inst, self.shapes)
+    if op == "dynamic-update-slice" and len(inst.operands) > 1:
+      return flops, 2 * _size(self.shapes.get(inst.operands[1], ""))
+    if op in _SLICING:
+      return flops, 2 * _size(inst.shape)
+    return flops, _size(inst.shape) + sum(_size(self.shapes.get(o, "")) for o in inst.operands)
+
+
+def _collective(inst: _Inst, mult: int, in_loop: bool) -> Collective:
+  """A collective with its dtypes and the size of what it moves."""
+  base = inst.opcode.removesuffix("-start")
+  arrays = _ARRAY.findall(_strip_layouts(inst.shape))
+  size = _size(inst.shape)
+  if inst.opcode.endswith("-start") and len(arrays) > 1 and base != "all-reduce":
+    # An async start's tuple holds its input, its output and (collective-permute)
+    # scalar u32 context words: count the output, the last array with a shape.
+    shaped = [a for a in arrays if a[1].strip()] or arrays
+    size = _size(f"{shaped[-1][0]}[{shaped[-1][1]}]")
+    arrays = shaped[-1:]
+  dtypes = tuple(sorted({dt for dt, _ in arrays})) or ("?",)
+  return Collective(base, dtypes, size, _group(inst.line), mult, in_loop)
 
 
 def _merge(into: ProgramCost, other: ProgramCost) -> None:
