@@ -15,6 +15,7 @@ ones. Unreadable images are skipped and listed in `extract_report.json`.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -115,11 +116,9 @@ def write_shard(
   `on_done(n)` reports images finished (encoded or skipped); when `should_stop()` turns
   true after a batch, the partial file is removed and _StopRequestedError raised. Returns
   {"count", "skipped": [...]}."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-
   skipped, count, batch = [], 0, []
 
-  def flush():
+  def flush(last: bool = False):
     nonlocal count, batch
     if batch:
       n_aug = batch[0][0].shape[0]
@@ -129,34 +128,44 @@ def write_shard(
       count += len(batch)
     on_done(len(batch))
     batch = []
+    if not last and should_stop():
+      raise _StopRequestedError
 
-  with storage.local_copy_for_writing(path) as local:  # uploaded at the end in a bucket
-    tmp = local + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    try:
-      for item, result in _decoded(items, load, pool, 2 * images_per_batch):
-        if isinstance(result, ValueError):
-          name = item[0] if isinstance(item[0], str) else f"record with label {item[1]}"
-          skipped.append({"image": name, "error": str(result)})
-          log.warning("skipping %s: %s", name, result)
-          on_done(1)
-          continue
-        batch.append(result)
-        if len(batch) == images_per_batch:
-          flush()
-          if should_stop():
-            raise _StopRequestedError
-      flush()
-      writer.close()
-    except BaseException:
-      writer.close()
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    os.replace(tmp, local)
+  # In a bucket the shard is written locally and uploaded at the end.
+  with storage.local_copy_for_writing(path) as local, _record_file(local) as writer:
+    for item, result in _decoded(items, load, pool, 2 * images_per_batch):
+      if isinstance(result, ValueError):
+        name = item[0] if isinstance(item[0], str) else f"record with label {item[1]}"
+        skipped.append({"image": name, "error": str(result)})
+        log.warning("skipping %s: %s", name, result)
+        on_done(1)
+        continue
+      batch.append(result)
+      if len(batch) == images_per_batch:
+        flush()
+    flush(last=True)
   meta = {"count": count, "skipped": skipped}
   storage.write_text(path + ".json", json.dumps(meta))  # the shard's completion mark
   return meta
+
+
+@contextlib.contextmanager
+def _record_file(local: str) -> Iterator[Any]:
+  """An ArrayRecord writer on `local`.tmp, renamed to `local` when the block ends and
+  removed when it raises: a shard file is whole or absent."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+  tmp = local + ".tmp"
+  writer = ArrayRecordWriter(tmp, "group_size:1")
+  try:
+    yield writer
+  except BaseException:
+    writer.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  writer.close()
+  os.replace(tmp, local)
 
 
 def _shards(n: int, per_shard: int) -> Iterator[tuple[int, int, int]]:
