@@ -246,3 +246,24 @@ def test_two_extractions_are_mixed_per_example(tmp_path):
     pipeline.train_dataset([dirs[0], str(tmp_path / "c")], **args)
   with pytest.raises(ValueError, match="one non-negative weight per dataset"):
     pipeline.train_dataset(dirs, weights=(1.0,), **args)
+
+
+def test_one_record_is_read_per_example_whatever_the_extractions(tmp_path, monkeypatch):
+  """The extraction is drawn before anything is read: two extractions read one record per
+  example, not one from each."""
+  write_random_dataset(tmp_path / "a", n=96)
+  _shifted_copy(tmp_path / "a", tmp_path / "b", 32)
+  args = dict(
+    vocab_size=64, num_classes=10, grid=8, global_batch=16, steps_per_epoch=6, num_steps=6, seed=3
+  )
+  reads = []
+  record = pipeline.TokenSource.record
+  monkeypatch.setattr(
+    pipeline.TokenSource, "record", lambda self, i: reads.append(self.directory) or record(self, i)
+  )
+  ds = pipeline.train_dataset([str(tmp_path / "a"), str(tmp_path / "b")], **args)
+  reads.clear()
+  for t in range(3):
+    ds[t]
+  assert len(reads) == 3 * 16
+  assert 0.3 < reads.count(str(tmp_path / "a")) / len(reads) < 0.7

@@ -7,6 +7,7 @@ per_epoch = steps_per_epoch * global_batch (the reference's `drop_last` epochs).
 host reads only its own contiguous rows of every global batch.
 """
 
+from collections.abc import Sized
 from typing import Any
 
 import grain
@@ -79,11 +80,12 @@ class TokenSource(grain.sources.RandomAccessDataSource):
     shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
     return f"shard {self.info.shards[shard]} record {index - self._offsets[shard]}"
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def record(self, index: int) -> tuple[np.ndarray, int]:
+    """(every variant's codes (n_aug, seq), a read-only view; label) of record `index`,
+    its shape and label checked."""
     index = int(index)
-    source = self._source()
     try:
-      codes, label = decode_record(source[index])
+      codes, label = decode_record(self._source()[index])
     except Exception as e:  # noqa: BLE001 (damaged shards raise several kinds)
       raise ValueError(
         f"{self.directory}: {self.where(index)} is corrupt ({_first_line(e)}): {_REBUILD}"
@@ -93,26 +95,36 @@ class TokenSource(grain.sources.RandomAccessDataSource):
         f"{self.directory}: {self.where(index)} has {codes.shape[1]} tokens per image but the "
         f"model's grid needs {self.seq}: extract the codes at the resolution you train at."
       )
+    if not 0 <= label < self.num_classes:
+      raise ValueError(
+        f"{self.directory}: {self.where(index)} has label {label}, outside [0, "
+        f"{self.num_classes}): set model.num_classes to the dataset's class count."
+      )
+    return codes, label
+
+  def checked(self, index: int, codes: np.ndarray) -> np.ndarray:
+    """`codes` of record `index` as int32, refused if any id is outside the vocabulary:
+    only what is fed to the model is checked (one variant, not all ten)."""
     if codes.min() < 0 or codes.max() >= self.vocab_size:
       bad = int(codes[(codes < 0) | (codes >= self.vocab_size)][0])
       raise ValueError(
         f"{self.directory}: {self.where(index)} holds token id {bad}, outside the model's "
         f"vocabulary [0, {self.vocab_size}): the codes come from another tokenizer."
       )
-    if not 0 <= label < self.num_classes:
-      raise ValueError(
-        f"{self.directory}: {self.where(index)} has label {label}, outside [0, "
-        f"{self.num_classes}): set model.num_classes to the dataset's class count."
-      )
-    return {"codes": codes, "label": np.int32(label)}
+    return codes.astype(np.int32)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    """Record `index` with every variant: {"codes": (n_aug, seq) int32, "label"}."""
+    codes, label = self.record(index)
+    return {"codes": self.checked(index, codes), "label": np.int32(label)}
 
 
-class ExtractionMix(grain.sources.RandomAccessDataSource):
+class ExtractionMix:
   """Several extractions of the same images, record i of each being image i.
 
   The reference trains on two extractions (crop ranges 1.1 and 1.05) and picks one per
-  example with probability 0.5; `PickVariant` draws the extraction with `weights`, then
-  one of its variants.
+  example with probability 0.5; `PickVariant` draws the extraction with `weights` before
+  anything is read, then one of its variants, and reads that one record.
   """
 
   def __init__(self, sources: list[TokenSource], weights: tuple[float, ...] = ()):
@@ -132,10 +144,10 @@ class ExtractionMix(grain.sources.RandomAccessDataSource):
             "must hold the same images in the same order."
           )
       for i in sorted({0, len(first) // 2, len(first) - 1}):
-        if other[i]["label"] != first[i]["label"]:
+        if other.record(i)[1] != first.record(i)[1]:
           raise ValueError(
-            f"record {i} has label {first[i]['label']} in {first.directory} but "
-            f"{other[i]['label']} in {other.directory}: mixed extractions must hold the "
+            f"record {i} has label {first.record(i)[1]} in {first.directory} but "
+            f"{other.record(i)[1]} in {other.directory}: mixed extractions must hold the "
             "same images in the same order."
           )
     self.sources = sources
@@ -144,17 +156,13 @@ class ExtractionMix(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return len(self.sources[0])
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    items = [s[index] for s in self.sources]
-    return {"codes": [it["codes"] for it in items], "label": items[0]["label"], "p": self.probs}
-
 
 class EpochStream(grain.sources.RandomAccessDataSource):
   """This host's k-th example -> the record of the global stream (see module docstring)."""
 
   def __init__(
     self,
-    source: ExtractionMix,
+    source: Sized,
     global_batch: int,
     steps_per_epoch: int,
     num_steps: int,
@@ -187,20 +195,25 @@ class EpochStream(grain.sources.RandomAccessDataSource):
     epoch, j = divmod(position, self.per_epoch)
     return int(self._permutation(epoch)[j])
 
-  def __getitem__(self, k: int) -> dict[str, Any]:
-    return self.source[self.record_index(k)]
+  def __getitem__(self, k: int) -> int:
+    """The record index of this host's k-th example (read later, by `PickVariant`)."""
+    return self.record_index(k)
 
 
 class PickVariant(grain.transforms.RandomMap):
-  """Draws one augmentation variant (the reference's ten-crop/flip codes) per example."""
+  """Reads one example: draws its extraction (with several), then one augmentation
+  variant (the reference's ten-crop/flip codes), and reads and checks only that."""
 
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    extractions = element["codes"]
+  def __init__(self, mix: ExtractionMix):
+    self.mix = mix
+
+  def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    sources = self.mix.sources
     # One extraction draws nothing, so such runs keep their exact stream.
-    k = rng.choice(len(extractions), p=element["p"]) if len(extractions) > 1 else 0
-    codes = extractions[k]
+    k = rng.choice(len(sources), p=self.mix.probs) if len(sources) > 1 else 0
+    codes, label = sources[k].record(index)
     v = rng.integers(codes.shape[0]) if codes.shape[0] > 1 else 0
-    return {"tokens": codes[v], "label": element["label"]}
+    return {"tokens": sources[k].checked(index, codes[v]), "label": np.int32(label)}
 
 
 def train_dataset(
@@ -221,15 +234,13 @@ def train_dataset(
 
   Several `directories` are extractions of the same images mixed per example with `weights`.
   """
-  source = ExtractionMix(
-    [TokenSource(d, vocab_size, num_classes, grid) for d in directories], weights
-  )
+  mix = ExtractionMix([TokenSource(d, vocab_size, num_classes, grid) for d in directories], weights)
   stream = EpochStream(
-    source, global_batch, steps_per_epoch, num_steps, seed, process_index, process_count
+    mix, global_batch, steps_per_epoch, num_steps, seed, process_index, process_count
   )
   return (
     grain.MapDataset.source(stream)
-    .random_map(PickVariant(), seed=seed)
+    .random_map(PickVariant(mix), seed=seed)
     .batch(stream.local_batch, drop_remainder=True)
   )
 

@@ -75,14 +75,14 @@ def encode_record(codes: np.ndarray, label: int) -> bytes:
 
 
 def decode_record(data: bytes) -> tuple[np.ndarray, int]:
-  """Record bytes -> (codes (n_aug, seq) int32, label). Raises ValueError if malformed."""
+  """Record bytes -> (codes (n_aug, seq) little-endian int32, a read-only view of `data`,
+  label). Raises ValueError if malformed."""
   if len(data) < _HEADER.size:
     raise ValueError(f"record of {len(data)} bytes is shorter than its header.")
   magic, label, n_aug, seq = _HEADER.unpack_from(data)
   if magic != MAGIC or n_aug < 1 or seq < 1 or len(data) != _HEADER.size + 4 * n_aug * seq:
     raise ValueError("record is not an npp_jax token record (bad header or length).")
-  codes = np.frombuffer(data, "<i4", offset=_HEADER.size).reshape(n_aug, seq)
-  return codes.astype(np.int32), label
+  return np.frombuffer(data, "<i4", offset=_HEADER.size).reshape(n_aug, seq), label
 
 
 def write_shards(
