@@ -289,18 +289,15 @@ class Checkpointer:
         self._damaged(damaged, step, e)
         continue
       self._check_fits(step, meta, saved_tree, abstract_state, config, dataset)
-      state_args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-      data_args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
+      # The state and the data position in one composite restore; the meta and the
+      # state's tree were read first, to refuse a checkpoint of other settings by name.
+      args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
+      )
       try:
-        state = read(self.manager.restore, step, args=state_args)["state"]
+        state = read(self.manager.restore, step, args=args)["state"]
         _verify(state, meta)
-      except storage.StorageError:
-        raise
-      except Exception as e:  # noqa: BLE001
-        self._damaged(damaged, step, e)
-        continue
-      try:
-        read(self.manager.restore, step, args=data_args)
       except storage.StorageError:
         raise
       except IndexError as e:  # grain: a data position past the end of the dataset
@@ -311,7 +308,7 @@ class Checkpointer:
           f"run; restore the original, or move {self.directory}/{step} aside to resume "
           "from the checkpoint before it."
         ) from None
-      except Exception as e:  # noqa: BLE001
+      except Exception as e:  # noqa: BLE001 (orbax raises many kinds for damaged files)
         data_iter.set_state(initial)
         self._damaged(damaged, step, e)
         continue
