@@ -2,7 +2,11 @@
 
 `configs/*.py` call it and set their recipe; override any key on the command line with
 ml_collections' syntax, e.g. `--config.optim.lr=2e-4 --config.tokenizer.preset=VQ-8`.
-`gpt_config(c)` and `vq_config(c)` turn the ConfigDict into the models' dataclasses.
+`gpt_config(c)` and `vq_config(c)` turn the ConfigDict into the models' dataclasses. The
+checks of config values, against each other and against the devices, are here too
+(`check_training`, `check_sampling`, `check_eval`, `check_tokenizer`, `check_study`): each
+job calls its own before anything compiles. What can only be known from a file (a dataset,
+a checkpoint, weights) is checked where it is read.
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from npp_jax import npp
+from npp_jax import npp, sharding
 from npp_jax.models.gpt_config import FIXED_FIELDS, PRESETS, GPTConfig
 from npp_jax.models.vqgan import VQ_PRESETS, VQConfig
 
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("train", "sample", "eval", "extract")
 TOKENIZERS = ("vq", "grey")
+EVAL_KINDS = ("inception", "mnist_classifier")
 # jax.default_matmul_precision values accepted for the VQ tokenizer.
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 # Guidance scales of the NPP paper's FID results, per model size.
@@ -304,8 +309,9 @@ def check_profile_steps(steps) -> None:
     )
 
 
-def check_training(c: ml_collections.ConfigDict) -> None:
-  """One-line errors for settings that would train wrongly or fail late; compiles nothing."""
+def check_training(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """One-line errors for settings that would train wrongly or fail late; compiles nothing.
+  With `num_devices`, also how the batch splits over the mesh on that many devices."""
   t, o = c.train, c.optim
   for name in ("epochs", "log_every_steps", "ckpt_every_steps", "keep_checkpoints", "eval_batches"):
     if t[name] < 1:
@@ -331,7 +337,75 @@ def check_training(c: ml_collections.ConfigDict) -> None:
       "config.model.dtype=float16 would train without loss scaling (gradients underflow); "
       "train in bfloat16 or float32 (float16 is fine for sampling)."
     )
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f"train.ema_decay={t.ema_decay} must be in [0, 1).")
+  for s in npp.patch_sides(t.patch_level):
+    if c.model.grid % s:
+      raise ValueError(
+        f"train.patch_level={t.patch_level} needs patch side {s}, which does not divide "
+        f"the {c.model.grid}x{c.model.grid} token grid; lower train.patch_level."
+      )
+  npp.stage_boundaries(t.epochs, t.patch_level, t.epoch_rate)  # every stage gets epochs
+  if num_devices is not None:
+    _check_batch_split(c, num_devices)
   check_tokenizer(c)
+
+
+def _check_batch_split(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """The global batch and its micro-batches split evenly over the data-parallel devices."""
+  mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
+  dp = mesh_shape[0] * mesh_shape[1]
+  gb, k = c.train.global_batch_size, c.train.grad_accum_steps
+  if gb < 1:
+    raise ValueError(f"train.global_batch_size={gb} must be >= 1.")
+  if gb % dp:
+    raise ValueError(
+      f"train.global_batch_size={gb} is not divisible by the {dp} data-parallel devices "
+      f"(mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); use a multiple of {dp}."
+    )
+  if k < 1:
+    raise ValueError(f"train.grad_accum_steps={k} must be >= 1 (1: no accumulation).")
+  if (gb // dp) % k:
+    raise ValueError(
+      f"train.grad_accum_steps={k} must divide the per-device batch {gb // dp} "
+      f"(global {gb} over {dp} devices)."
+    )
+
+
+def check_sampling(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Every bad `config.sample` value is a one-line ValueError, before anything compiles."""
+  s = c.sample
+  for name in ("batch_size", "png_per_class", "png_scale"):
+    if s[name] < 1:
+      raise ValueError(f"config.sample.{name}={s[name]} must be >= 1.")
+  if s.num_images < 0:
+    raise ValueError(f"config.sample.num_images={s.num_images} must be >= 0 (0: the grid only).")
+  if s.batch_size % num_devices:
+    raise ValueError(
+      f"config.sample.batch_size={s.batch_size} must be a multiple of the {num_devices} "
+      "data-parallel devices."
+    )
+
+
+def check_eval(c: ml_collections.ConfigDict) -> None:
+  """The judge `config.eval` names, and for FID the files it needs."""
+  e = c.eval
+  if e.kind not in EVAL_KINDS:
+    raise ValueError(f"config.eval.kind={e.kind!r}; use one of {EVAL_KINDS}.")
+  if e.kind != "inception":
+    return
+  if not e.reference:
+    raise ValueError(
+      "config.eval.reference is empty: give the ADM reference batch "
+      "(VIRTUAL_imagenet256_labeled.npz; where to get it: README, 'Files from outside') or "
+      "an npz of reference images `arr_0`."
+    )
+  if not e.inception_checkpoint:
+    raise ValueError(
+      "config.eval.inception_checkpoint is empty: give pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time; where to get it: "
+      "README, 'Files from outside')."
+    )
 
 
 def check_tokenizer(c: ml_collections.ConfigDict) -> None:

@@ -71,35 +71,11 @@ def plan_run(c: ml_collections.ConfigDict, num_devices: int, num_records: int | 
   With `num_records=None` (no dataset yet) steps are counted per epoch of one step.
   """
   config_lib.check_mode(c)
-  config_lib.check_training(c)
+  config_lib.check_training(c, num_devices)
   cfg = config_lib.gpt_config(c)
-  mesh_shape = sharding.mesh_shape(c.mesh.to_dict(), num_devices)
-  dp = mesh_shape[0] * mesh_shape[1]
-  gb, k = c.train.global_batch_size, c.train.grad_accum_steps
-  if gb < 1:
-    raise ValueError(f"train.global_batch_size={gb} must be >= 1.")
-  if gb % dp:
-    raise ValueError(
-      f"train.global_batch_size={gb} is not divisible by the {dp} data-parallel devices "
-      f"(mesh data x fsdp = {mesh_shape[0]} x {mesh_shape[1]}); use a multiple of {dp}."
-    )
-  if k < 1:
-    raise ValueError(f"train.grad_accum_steps={k} must be >= 1 (1: no accumulation).")
-  if (gb // dp) % k:
-    raise ValueError(
-      f"train.grad_accum_steps={k} must divide the per-device batch {gb // dp} "
-      f"(global {gb} over {dp} devices)."
-    )
+  gb = c.train.global_batch_size
   sides = npp.patch_sides(c.train.patch_level)
-  for s in sides:
-    if cfg.grid % s:
-      raise ValueError(
-        f"train.patch_level={c.train.patch_level} needs patch side {s}, which does not divide "
-        f"the {cfg.grid}x{cfg.grid} token grid; lower train.patch_level."
-      )
   ends = npp.stage_boundaries(c.train.epochs, c.train.patch_level, c.train.epoch_rate)
-  if not 0.0 <= c.train.ema_decay < 1.0:
-    raise ValueError(f"train.ema_decay={c.train.ema_decay} must be in [0, 1).")
   step_flops = tuple(gpt_flops.train_step_flops(cfg, s, gb) for s in sides)
   spe = 1 if num_records is None else pipeline.steps_per_epoch(num_records, gb)
   return Plan(spe, tuple(sides), tuple(ends), ends[-1] * spe, step_flops)

@@ -14,7 +14,7 @@ import time
 import jax
 import ml_collections
 
-from npp_jax import sharding
+from npp_jax import config_lib, sharding
 from npp_jax.data import datasets
 from npp_jax.evaluation import digits, inception_fid, sample_batches
 from npp_jax.infra import storage, torch_io
@@ -22,16 +22,12 @@ from npp_jax.models import inception_torch
 
 log = logging.getLogger(__name__)
 
-KINDS = ("inception", "mnist_classifier")
-
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores `eval.samples` (default: the newest WORKDIR/samples/samples_*.npz)."""
   storage.set_deadline(c.storage_deadline_s)
-  e = c.eval
-  if e.kind not in KINDS:
-    raise ValueError(f"config.eval.kind={e.kind!r}; use one of {KINDS}.")
-  result = _digits(c, workdir) if e.kind == "mnist_classifier" else _inception(c, workdir)
+  config_lib.check_eval(c)
+  result = _digits(c, workdir) if c.eval.kind == "mnist_classifier" else _inception(c, workdir)
   if jax.process_index() == 0:
     storage.write_text(
       storage.join(storage.absolute(workdir), "eval.json"), json.dumps(result, indent=1)
@@ -41,18 +37,6 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _inception(c: ml_collections.ConfigDict, workdir: str) -> dict:
   e = c.eval
-  if not e.reference:
-    raise ValueError(
-      "config.eval.reference is empty: give the ADM reference batch "
-      "(VIRTUAL_imagenet256_labeled.npz; where to get it: README, 'Files from outside') or "
-      "an npz of reference images `arr_0`."
-    )
-  if not e.inception_checkpoint:
-    raise ValueError(
-      "config.eval.inception_checkpoint is empty: give pytorch-fid's "
-      "pt_inception-2015-12-05-6726825d.pth (never downloaded at run time; where to get it: "
-      "README, 'Files from outside')."
-    )
   samples_path = e.samples or sample_batches.latest_samples(workdir)
   samples = sample_batches.NpzImages(samples_path, "sample batch")  # read a batch at a time
   variables = inception_torch.variables_from_torch(

@@ -200,21 +200,6 @@ def class_names(c: ml_collections.ConfigDict, num_classes: int) -> list[str]:
   return [f"{k} {name}" for k, name in enumerate(names)]
 
 
-def check_request(c: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Every bad `config.sample` value is a one-line ValueError, before anything compiles."""
-  s = c.sample
-  for name in ("batch_size", "png_per_class", "png_scale"):
-    if s[name] < 1:
-      raise ValueError(f"config.sample.{name}={s[name]} must be >= 1.")
-  if s.num_images < 0:
-    raise ValueError(f"config.sample.num_images={s.num_images} must be >= 0 (0: the grid only).")
-  if s.batch_size % num_devices:
-    raise ValueError(
-      f"config.sample.batch_size={s.batch_size} must be a multiple of the {num_devices} "
-      "data-parallel devices."
-    )
-
-
 # The grid's random stream, apart from every batch's (batch b draws from stream b).
 GRID_STREAM = 1 << 20
 
@@ -224,7 +209,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   storage.set_deadline(c.storage_deadline_s)
   gpt = config_lib.sampling_gpt_config(c)
   mesh = sampling.sampling_mesh(c.mesh.to_dict(), gpt)
-  check_request(c, sharding.data_parallel_size(mesh))
+  config_lib.check_sampling(c, sharding.data_parallel_size(mesh))
   decode = tokenizers.decoder(c)  # a missing tokenizer is refused before any weights load
   params, weights = load_sampling_params(c, workdir, gpt, mesh)
   # Laid out by the mesh's rules (fsdp, tensor): a model too big for one chip is split.
