@@ -9,6 +9,7 @@ job calls its own before anything compiles. What can only be known from a file (
 a checkpoint, weights) is checked where it is read.
 """
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -464,8 +465,6 @@ def check_study(c: ml_collections.ConfigDict) -> None:
   st = c.study
   if not st.patch_levels or not st.seeds:
     raise ValueError("config.study.patch_levels and config.study.seeds must not be empty.")
-  for level in st.patch_levels:
-    npp.stage_boundaries(c.train.epochs, level, st.epoch_rate)  # every stage gets epochs
   if st.num_images < 1:
     raise ValueError(f"config.study.num_images={st.num_images} must be >= 1.")
   if st.quality_points < 1:
@@ -479,7 +478,10 @@ def check_study(c: ml_collections.ConfigDict) -> None:
     )
   if not c.train.eval_every_steps:
     raise ValueError("config.train.eval_every_steps must be > 0: the study compares held-out loss.")
-  check_training(c)
+  for level in st.patch_levels:  # each run's own training settings
+    run = copy.deepcopy(c)
+    run.train.update(patch_level=level, epoch_rate=st.epoch_rate)
+    check_training(run)
 
 
 def check_mode(c: ml_collections.ConfigDict) -> None:
