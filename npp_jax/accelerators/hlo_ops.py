@@ -121,7 +121,7 @@ def top_level_ops(hlo_text: str) -> list[Op]:
     for name, lines in computations.items()
   }
   ops, seen, todo = [], {entry}, [entry]
-  while todo:
+  while todo:  # breadth first over the computations the entry reaches
     for opcode, line in parsed.get(todo.pop(0), []):
       for callee in _callees(opcode, line):
         if callee not in seen:

@@ -402,7 +402,7 @@ def restore_weights(
         f"no training checkpoint in {directory}: train first, or set "
         "--config.sample.checkpoint to converted params (or a .pt file)."
       )
-    for step in steps:
+    for step in steps:  # newest first; a damaged one is logged and the one before tried
       try:
         saved = read(mngr.item_metadata, step)["state"]
         saved = getattr(saved, "tree", saved)

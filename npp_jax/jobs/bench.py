@@ -402,14 +402,19 @@ def run(what: str, fv: flags.FlagValues, argv: list[str]) -> int:
     return 0
   print(json.dumps(bench_sample(c, fv.batch, fv.repeats, mesh)), flush=True)
   if fv.max_batch:
-    batch = fv.batch * 2
-    while True:
-      try:
-        best = bench_sample(c, batch, 2, mesh)
-      except Exception as e:  # noqa: BLE001
-        if not _is_oom(e):
-          raise
-        break
-      print(json.dumps({**best, "search": "max_batch"}), flush=True)
-      batch *= 2
+    _max_sample_batch(c, fv.batch * 2, mesh)
   return 0
+
+
+def _max_sample_batch(c, batch: int, mesh) -> None:
+  """Doubles the sampling batch from `batch` until it runs out of memory, printing a row
+  for each batch that ran."""
+  while True:
+    try:
+      best = bench_sample(c, batch, 2, mesh)
+    except Exception as e:  # noqa: BLE001
+      if not _is_oom(e):
+        raise
+      return
+    print(json.dumps({**best, "search": "max_batch"}), flush=True)
+    batch *= 2

@@ -251,6 +251,7 @@ def _encode_shards(c: ml_collections.ConfigDict, out_dir: str, items, encode, mi
   guard = preemption.PreemptionGuard(local=True, action="finishing the batch being encoded")
   done = len(mine) - len(todo)
   stopping = lambda: guard.received is not None
+  # Four deep on purpose: a stop inside any shard becomes one error naming what is kept.
   with guard, concurrent.futures.ThreadPoolExecutor(max(1, e.num_workers)) as pool:
     for k, a, b in todo:
       try:

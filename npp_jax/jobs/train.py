@@ -227,6 +227,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainer.compile_stages(plan.stage(min(latest, plan.total_steps - 1)))
   run = _Run(trainer)
   state, stopped = run.state, None
+  # Four deep on purpose: the preemption guard and the failure handling (rescue, close)
+  # wrap the step loop, whose body stays one screen.
   with preemption.PreemptionGuard() as guard:
     try:
       for done in range(run.start + 1, plan.total_steps + 1):
