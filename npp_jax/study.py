@@ -40,9 +40,11 @@ from npp_jax.jobs import evaluate, sample, train
 log = logging.getLogger("npp_jax.study")
 
 SCHEDULE_NAMES = {1: "NTP", 2: "NPP-2", 3: "NPP-3", 4: "NPP-4"}
-# Config keys that say where things are or how fast they are read, not what is trained:
-# a record stays valid when they change (another machine, another checkout).
-LOCATION_KEYS = (
+# Config keys that do not change a run's numbers: where things are and how fast they are
+# read (another machine, another checkout), and the study section, which says which runs
+# and points there are (a run's own schedule, seed and samples are in its train and sample
+# keys). A record stays valid when they change.
+NOT_SETTINGS = (
   ("data", "cache_dir"),
   ("data", "path"),
   ("data", "eval_path"),
@@ -51,7 +53,7 @@ LOCATION_KEYS = (
   ("eval", "judge_cache"),
   ("eval", "samples"),
   ("train", "max_steps"),
-  ("study", "records"),
+  ("study",),
   ("storage_deadline_s",),
 )
 # What a quality point records, in the order the tables show it.
@@ -117,9 +119,9 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.Co
 
 
 def settings(r: ml_collections.ConfigDict) -> dict:
-  """What determines a run's numbers: its config without locations and reading speed."""
+  """What determines a run's numbers: its config without NOT_SETTINGS."""
   d = json.loads(r.to_json())
-  for path in LOCATION_KEYS:
+  for path in NOT_SETTINGS:
     parent = d
     for key in path[:-1]:
       parent = parent.get(key, {})

@@ -97,6 +97,13 @@ def test_study_end_to_end_resumable_and_rebuilt_from_records(tmp_path):
   for name in ("study.json", "study.md"):
     assert (again / name).read_text() == (root / name).read_text()
   assert not (again / "runs").exists(), "nothing trained"
+  # The study section says which runs there are, not what a run is: one seed of the same
+  # study reads the same record.
+  c.study.seeds = (0, 1)
+  c.study.patch_levels = (1,)
+  c.study.flops_matched_level = 0
+  assert study.run_record(c, study.plan_runs(c)[0], str(again), str(kept)) == ntp
+  c.study.update(seeds=(0,), patch_levels=(1, 2), flops_matched_level=2)
 
   # A record of other settings is refused, not retrained over.
   c.optim.lr = 2e-3
