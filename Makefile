@@ -64,13 +64,14 @@ demo: install
 # epochs), two seeds, quality judged over training; writes STUDY_WORKDIR/study.{json,md,png}.
 # Resumable, and a run with a record is not trained again (README: "Does NPP help?").
 study: install
-	$(PY) -m npp_jax.study --config=configs/study_mnist.py --workdir=$(STUDY_WORKDIR)
+	$(PY) -m npp_jax.study --config=configs/study_mnist.py --workdir=$(STUDY_WORKDIR) $(STUDY_ARGS)
 
-# The published tables and figure from the run records kept in docs/study_mnist/records
-# (a run without a record there is trained; restrict with --config.study.seeds).
+# The published tables and figure from the run records kept in docs/study_mnist/records,
+# training nothing (runs without a record are left out; `make study` with
+# STUDY_ARGS=--config.study.records=docs/study_mnist/records trains them).
 study-records: install
 	$(PY) -m npp_jax.study --config=configs/study_mnist.py --workdir=$(STUDY_WORKDIR) \
-	  --config.study.records=docs/study_mnist/records
+	  --config.study.records=docs/study_mnist/records --config.study.train=False
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -232,6 +232,7 @@ def _study_keys(c: ml_collections.ConfigDict, preset: str) -> None:
   # Folder of the finished runs' records (default: WORKDIR/records); a run with a record is
   # not trained again.
   c.study.records = ""
+  c.study.train = True  # False: train nothing, summarize the runs that have records
 
 
 def _mesh_keys(c: ml_collections.ConfigDict, preset: str) -> None:

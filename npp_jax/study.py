@@ -11,7 +11,8 @@ the held-out next-token loss, training FLOPs and wall clock.
 Each run trains in DIR/runs/<name> (resumed where it stopped; the quality points done are
 kept in its points.json). A finished run leaves a record, `<name>.json` in `study.records`
 (default DIR/records): its settings, every quality point and its held-out loss curve, a
-few kilobytes. A run whose record exists is not trained again, so the study can be done
+few kilobytes. A run whose record exists is not trained again (`study.train=False`
+trains nothing and summarizes the runs that have records), so the study can be done
 in several sittings and the records kept (in the repository) rebuild the summary exactly;
 a record made with other settings is refused, never overwritten (keys a newer npp_jax
 added are not compared: their defaults keep old behaviour). Writes DIR/study.json,
@@ -221,8 +222,9 @@ def train_run(c: ml_collections.ConfigDict, spec: RunSpec, root: str) -> dict:
   }
 
 
-def run_record(c: ml_collections.ConfigDict, spec: RunSpec, root: str, records: str) -> dict:
-  """The run's record: read from `records` when it was finished before, else trained."""
+def run_record(c: ml_collections.ConfigDict, spec: RunSpec, root: str, records: str) -> dict | None:
+  """The run's record: read from `records` when it was finished before, else trained
+  (None, with `study.train=False`, for a run without a record)."""
   path = storage.join(records, f"{spec.name}.json")
   mine = settings(run_config(c, spec))
   if storage.exists(path):
@@ -230,6 +232,9 @@ def run_record(c: ml_collections.ConfigDict, spec: RunSpec, root: str, records: 
     _check_settings(record["settings"], mine, path)
     log.info("%s: finished before, read from %s", spec.name, path)
     return record
+  if not c.study.train:
+    log.warning("%s: no record in %s; left out (study.train=False)", spec.name, records)
+    return None
   record = train_run(c, spec, root)
   storage.write_text(path, json.dumps(record, indent=1))
   return record
@@ -370,6 +375,9 @@ def run_study(c: ml_collections.ConfigDict, root: str) -> dict:
   )
   storage.makedirs(records_dir)
   records = [run_record(c, spec, root, records_dir) for spec in plan_runs(c)]
+  records = [r for r in records if r is not None]
+  if not records:
+    raise ValueError(f"no run of the study has a record in {records_dir}: nothing to summarize.")
   table, curve = summarize(records), over_training(records)
   result = {"runs": records, "summary": table, "over_training": curve}
   storage.write_text(storage.join(root, "study.json"), json.dumps(result, indent=1))

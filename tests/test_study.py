@@ -105,6 +105,12 @@ def test_study_end_to_end_resumable_and_rebuilt_from_records(tmp_path):
   assert study.run_record(c, study.plan_runs(c)[0], str(again), str(kept)) == ntp
   c.study.update(seeds=(0,), patch_levels=(1, 2), flops_matched_level=2)
 
+  # Without training, the runs that have records are summarized and the others left out.
+  os.remove(kept / "NPP-2-seed0.json")
+  c.study.train = False
+  partial = study.run_study(c, str(again))
+  assert [r["name"] for r in partial["runs"]] == ["NTP-seed0", "NTP-at-NPP-2-FLOPs-seed0"]
+  assert not (again / "runs").exists(), "nothing trained"
   # A record of other settings is refused, not retrained over.
   c.optim.lr = 2e-3
   with pytest.raises(ValueError, match=r"NTP-seed0.json was made with other settings .*optim.lr"):
