@@ -299,6 +299,9 @@ def over_training(records: list[dict]) -> list[dict]:
 
 
 def _pm(row: dict, key: str, fmt: str) -> str:
+  """Mean ± standard deviation over seeds; the value alone for one seed."""
+  if row["seeds"] == 1:
+    return f"{row[key]:{fmt}}"
   return f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}"
 
 
