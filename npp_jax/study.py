@@ -218,7 +218,7 @@ def train_run(c: ml_collections.ConfigDict, spec: RunSpec, root: str) -> dict:
     "heldout_curve": _heldout_curve(workdir, spec.epochs * spe),
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,
-    "settings": settings(r),
+    "settings": mine,
   }
 
 
