@@ -45,13 +45,18 @@ install-aot: install
 # plugin are for compiling only); several processes may load libtpu at once.
 TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1
 
+# Two workers, handed one test at a time (the slow ones first, tests/conftest.py): xdist's
+# default hands each worker a quarter of its share at once, which would give one worker
+# every slow test.
+XDIST := -n 2 --maxschedchunk=1
+
 # Everything, slow end-to-end tests included (what CI runs).
 test: lint
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --durations=15
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) --durations=15
 
 # The quick loop: skip tests marked slow.
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # Train through every NPP stage, sample (WORKDIR/samples.png and an ADM-format npz), then
 # score the samples with a digit classifier (WORKDIR/eval.json).

@@ -50,3 +50,11 @@ def require_torch():
 def require_tfds():
   """tensorflow_datasets (the `data` extra), demanded in CI by NPP_REQUIRE_TF=1."""
   return _require("tensorflow_datasets", "NPP_REQUIRE_TF")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow end-to-end tests first: xdist hands tests out in this order, so each long run
+  starts early beside the others and the short tests fill the gaps at the end, rather than
+  one long run going on alone after the rest have finished."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _bench(*args):
   res = subprocess.run(
@@ -69,6 +71,7 @@ def test_bench_train_with_real_data_reports_the_input_stall(tmp_path):
   assert (tmp_path / "data").is_dir()  # the embedded digits were built there
 
 
+@pytest.mark.slow
 def test_accelerator_script_runs_every_benchmark_on_tiny_shapes(tmp_path):
   """launch/bench_accelerator.sh (the device run of BENCHMARKS.md), checked on the CPU."""
   import os

@@ -25,13 +25,15 @@ from .helpers import shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "npp-test"
-# The MNIST config, made small: 3 epochs of 70 steps.
+# The MNIST config, made small: 3 epochs of 70 steps (stages end at 70, 140, 210), cut
+# at step 160, 20 steps into the token stage.
 OVERRIDES = [
   "--config.model.dim=32",
   "--config.model.n_layer=1",
   "--config.model.n_head=2",
   "--config.model.scan_unroll=1",
   "--config.train.epochs=3",
+  "--config.train.max_steps=160",
   "--config.train.ckpt_every_steps=20",
   "--config.train.log_every_steps=10",
   "--config.train.eval_every_steps=70",
@@ -170,7 +172,7 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_
   assert "loaded (compilation cache)" in out, out[-3000:]  # the cache is in the bucket too
   want = [(s, x) for s, x in _losses(str(local))]
   assert _losses(run) == want, "bitwise the losses of the unbroken run, step for step"
-  assert want[-1][0] == 210
+  assert want[-1][0] == 160
 
   out = _finish(_run(run, cwd, emulator, "--config.mode=sample"))
   out = _finish(_run(run, cwd, emulator, "--config.mode=eval"))
@@ -188,7 +190,7 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_
   logs = sorted(storage.listdir(f"{run}/logs"))
   assert [n.split("-")[0] for n in logs] == ["eval", "sample", "train", "train"], logs
   resumed = storage.read_text(f"{run}/logs/{logs[-1]}")
-  assert "resumed from step" in resumed and "finished at step 210" in resumed
+  assert "resumed from step" in resumed and "finished at step 160" in resumed
   _no_gs_folder(cwd, tmp_path, ROOT)
 
 

@@ -41,6 +41,7 @@ def _config(inception_npz, samples, reference, **eval_overrides):
   return c
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(tmp_path, inception_npz):
   np.savez(tmp_path / "samples.npz", arr_0=_images(8, 0), labels=np.arange(8))
   np.savez(tmp_path / "ref.npz", arr_0=_images(8, 1))
@@ -171,6 +172,7 @@ def test_demo_classifier_scores(tmp_path):
       evaluate.run(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_images_are_read_a_batch_at_a_time_with_the_same_features(tmp_path, inception_npz, caplog):
   """Sample and reference images are read from the .npz a batch at a time (memory does not
   grow with the number of images) and give the features of the whole array; scoring fewer

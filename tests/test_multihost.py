@@ -104,7 +104,7 @@ def test_two_processes_train_resume_and_sample_like_one(tmp_path):
     np.testing.assert_array_equal(z["arr_0"], images)
 
 
-LONG_STEPS = 240  # 6 steps per epoch of 96 records, 40 epochs
+LONG_STEPS = 120  # 6 steps per epoch of 96 records, 20 epochs: stages end at 30, 60, 120
 
 
 @pytest.fixture(scope="session")

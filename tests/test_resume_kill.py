@@ -22,7 +22,7 @@ def _config_file(tmp_path, data_dir):
     from tests.helpers import tiny_config
 
     def get_config():
-      return tiny_config({str(data_dir)!r}, **{{"train.epochs": 16, "train.ckpt_every_steps": 7}})
+      return tiny_config({str(data_dir)!r}, **{{"train.epochs": 12, "train.ckpt_every_steps": 7}})
   """)
   )
   return str(path)
@@ -48,7 +48,7 @@ def unbroken(tmp_path_factory):
   (trained once for the test session, whichever worker asks first)."""
 
   def build(root):
-    # 6 steps per epoch, 96 steps, stages end at 24, 48, 96
+    # 6 steps per epoch, 72 steps, stages end at 18, 36, 72
     write_random_dataset(root / "data", n=96)
     full = _run(_config_file(root, root / "data"), root / "full")
     out, _ = full.communicate(timeout=600)
@@ -68,14 +68,14 @@ def test_sigkill_and_restart_is_exact(tmp_path, unbroken):
   deadline = time.time() + 600
   while time.time() < deadline and victim.poll() is None:
     done = [int(x) for x in os.listdir(ckpts) if x.isdigit()] if ckpts.exists() else []
-    if done and max(done) >= 28:  # killed somewhere in stage 2, mid-stage, while running
+    if done and max(done) >= 21:  # killed somewhere in stage 2, mid-stage, while running
       break
     time.sleep(0.01)
   assert victim.poll() is None, "the run finished before it could be killed; make it longer"
   os.kill(victim.pid, signal.SIGKILL)
   victim.wait()
   killed_at = len(_losses(victim_dir))
-  assert killed_at < 96
+  assert killed_at < 72
 
   again = _run(config, victim_dir)
   out, _ = again.communicate(timeout=600)
@@ -86,7 +86,7 @@ def test_sigkill_and_restart_is_exact(tmp_path, unbroken):
   assert "loaded (compilation cache) the train step" in out, out
   assert any((victim_dir / "compile_cache").iterdir())
   want, got = _losses(full), _losses(victim_dir)
-  assert [s for s, _, _ in got] == list(range(1, 97))
+  assert [s for s, _, _ in got] == list(range(1, 73))
   assert got == want, "bitwise-identical losses, step for step"
 
 
@@ -98,7 +98,7 @@ def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path, unbroken):
   deadline = time.time() + 600
   while time.time() < deadline and victim.poll() is None:
     rows = len(_losses(victim_dir)) if (victim_dir / "metrics.jsonl").exists() else 0
-    if rows >= 30:
+    if rows >= 20:
       break
     time.sleep(0.01)
   os.kill(victim.pid, signal.SIGTERM)
@@ -106,7 +106,7 @@ def test_sigterm_checkpoints_then_stops_and_resumes_exactly(tmp_path, unbroken):
   assert victim.returncode == 0, out
   assert "stopped by SIGTERM at step" in out
   stopped_at = len(_losses(victim_dir))
-  assert 30 <= stopped_at < 96
+  assert 20 <= stopped_at < 72
   saved = [int(x) for x in os.listdir(victim_dir / "checkpoints") if x.isdigit()]
   assert max(saved) == stopped_at, (
     "a checkpoint at the step where it stopped, not the last periodic"

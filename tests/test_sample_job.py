@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from npp_jax.jobs import sample, train
 from npp_jax.models import gpt_torch, params_io
 from npp_jax.models.gpt import GPTConfig
 
-from .helpers import convert_tiny_vq, tiny_config, write_random_dataset
+from .helpers import convert_tiny_vq, shared_once, tiny_config, write_random_dataset
 
 
 def _sample_config(data_dir, **overrides):
@@ -28,12 +29,28 @@ def _sample_config(data_dir, **overrides):
   return c
 
 
-def test_sample_job_writes_png_and_npz_and_resumes(tmp_path):
-  data = tmp_path / "data"
-  write_random_dataset(data)
-  wd = tmp_path / "wd"
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """(data, workdir) of one run of `_sample_config` trained for 3 steps, made once for the
+  test session; a test copies the workdir (`_own_copy`) before it samples into it."""
+
+  def build(root):
+    write_random_dataset(root / "data")
+    train.run(_sample_config(root / "data"), str(root / "wd"))
+
+  root = shared_once(tmp_path_factory, "trained-tiny-run", build)
+  return root / "data", root / "wd"
+
+
+def _own_copy(trained_run, tmp_path):
+  data, wd = trained_run
+  shutil.copytree(wd, tmp_path / "wd")
+  return data, tmp_path / "wd"
+
+
+def test_sample_job_writes_png_and_npz_and_resumes(tmp_path, trained_run):
+  data, wd = _own_copy(trained_run, tmp_path)
   c = _sample_config(data)
-  train.run(c, str(wd))
   out = sample.run(c, str(wd))
   png = np.asarray(Image.open(out["png"]).convert("L"))
   # 2 columns x 3 class rows of 8x8 + borders, after a strip with each row's label.
@@ -148,12 +165,9 @@ def _digest(path):
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def test_samples_are_bound_to_their_settings(tmp_path):
-  data = tmp_path / "data"
-  write_random_dataset(data)
-  wd = tmp_path / "wd"
+def test_samples_are_bound_to_their_settings(tmp_path, trained_run):
+  data, wd = _own_copy(trained_run, tmp_path)
   c = _sample_config(data)
-  train.run(c, str(wd))
   first = sample.run(c, str(wd))
   kept = _digest(first["npz"])
   with np.load(first["npz"]) as z:
@@ -193,11 +207,8 @@ def test_samples_are_bound_to_their_settings(tmp_path):
     sample.run(c, str(wd))
 
 
-def test_bad_sample_settings_fail_before_sampling(tmp_path):
-  data = tmp_path / "data"
-  write_random_dataset(data)
-  wd = tmp_path / "wd"
-  train.run(_sample_config(data), str(wd))
+def test_bad_sample_settings_fail_before_sampling(tmp_path, trained_run):
+  data, wd = _own_copy(trained_run, tmp_path)
   for key, value, message in (
     ("num_images", -5, "num_images=-5 must be >= 0"),
     ("batch_size", 0, "batch_size=0 must be >= 1"),

@@ -43,6 +43,7 @@ def test_study_plan_of_the_published_config():
   assert gap <= ntp.stage_step_flops[0] / 2
 
 
+@pytest.mark.slow
 def test_study_end_to_end_resumable_and_rebuilt_from_records(tmp_path):
   c = _tiny_study(tmp_path)
   root = tmp_path / "study"
