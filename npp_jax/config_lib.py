@@ -78,7 +78,8 @@ def get_config(preset: str = "B") -> ml_collections.ConfigDict:
   # files you trust. Released LlamaGen/NPP checkpoints load without it.
   c.trust_checkpoint = False
   # JAX's persistent compilation cache, so a restart does not recompile every stage:
-  # "" = WORKDIR/compile_cache, "off", or a directory (local or gs://) shared by runs.
+  # "" = JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compile_cache; "off"; or a
+  # directory (local or gs://) shared by runs.
   c.compile_cache = ""
   # Seconds one operation on a bucket may take, retries included, before the job stops with
   # one line (exit status 75) instead of waiting on storage that is gone.

@@ -11,6 +11,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # `python -m npp_jax.main` still uses its own WORKDIR/compile_cache (config.compile_cache).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/npp_jax_test_compile_cache_{os.getuid()}")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# One BLAS thread per process (before numpy loads OpenBLAS; subprocesses inherit it): two
+# test workers already share the two cores, and OpenBLAS threads that wait for a busy core
+# spin. A 2048 x 2048 sqrtm (every FID) took 15 CPU-s beside another one instead of 9, and
+# 75 s instead of 13 beside a worker's XLA threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import importlib  # noqa: E402
 import pathlib  # noqa: E402

@@ -25,8 +25,8 @@ if __name__ == "__main__":
   from tests.helpers import tiny_config  # noqa: E402
 
   c = tiny_config(data, **{"train.max_steps": int(max_steps), "train.ckpt_every_steps": 4})
-  if mode == "train_long":  # long enough to be preempted: 20 epochs, stage checkpoints only
-    c.train.update(epochs=20, ckpt_every_steps=1000)
+  if mode == "train_long":  # long enough to be preempted: 12 epochs, stage checkpoints only
+    c.train.update(epochs=12, ckpt_every_steps=1000)
   if mode.startswith("train"):
     s = train.run(c, workdir)
     print(

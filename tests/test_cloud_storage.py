@@ -107,11 +107,15 @@ def emulator(tmp_path_factory):
   emu.stop()
 
 
-def _run(workdir, cwd, emulator, *args, env=None):
+def _run(workdir, cwd, emulator, *args, env=None, own_cache=False):
+  """The small MNIST job on `workdir`, with the test session's compilation cache or
+  (`own_cache`) the default one, in the workdir."""
   cmd = [sys.executable, "-m", "npp_jax.main", "--config=configs/mnist.py"]
   cmd += [f"--workdir={workdir}", *OVERRIDES, *args]
   emulated = emulator.env if emulator is not None else {}
   full_env = {**os.environ, **emulated, "PYTHONPATH": ROOT, **(env or {})}
+  if own_cache:
+    full_env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return subprocess.Popen(
     cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -136,7 +140,7 @@ def unbroken_local_run(tmp_path_factory) -> str:
   def build(root):
     (root / "cwd").mkdir()
     os.symlink(os.path.join(ROOT, "configs"), root / "cwd" / "configs")
-    _finish(_run(root / "local", root / "cwd", None, "--config.compile_cache=off"))
+    _finish(_run(root / "local", root / "cwd", None))
 
   return str(shared_once(tmp_path_factory, "unbroken-mnist-run", build) / "local")
 
@@ -156,7 +160,7 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_
   run = f"gs://{BUCKET}/run"
   local = unbroken_local_run  # the unbroken reference, on the local disk
 
-  victim = _run(run, cwd, emulator)
+  victim = _run(run, cwd, emulator, own_cache=True)
   deadline = time.time() + 600
   while time.time() < deadline and victim.poll() is None:
     steps = [int(d) for d in storage.listdir(f"{run}/checkpoints") if d.isdigit()]
@@ -167,7 +171,7 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_
   victim.send_signal(signal.SIGKILL)
   victim.wait()
 
-  out = _finish(_run(run, cwd, emulator))
+  out = _finish(_run(run, cwd, emulator, own_cache=True))
   assert "resumed from step" in out, out[-3000:]
   assert "loaded (compilation cache)" in out, out[-3000:]  # the cache is in the bucket too
   want = [(s, x) for s, x in _losses(str(local))]

@@ -23,7 +23,6 @@ TRAIN = [
   "--config.train.ckpt_every_steps=3",
   "--config.train.log_every_steps=3",
   "--config.train.eval_every_steps=0",
-  "--config.compile_cache=off",
 ]
 
 # Runs the command two times at once, as processes 0 and 1 of a 2-host job, each with two

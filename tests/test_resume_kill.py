@@ -28,8 +28,12 @@ def _config_file(tmp_path, data_dir):
   return str(path)
 
 
-def _run(config, workdir, **kw):
+def _run(config, workdir, own_cache=False, **kw):
+  """`python -m npp_jax.main` on `workdir`: with the test session's compilation cache, or
+  (`own_cache`) with the default one in the workdir."""
   env = {**os.environ, "PYTHONPATH": ROOT}
+  if own_cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   cmd = [sys.executable, "-m", "npp_jax.main", f"--config={config}", f"--workdir={workdir}"]
   return subprocess.Popen(
     cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
@@ -63,7 +67,7 @@ def test_sigkill_and_restart_is_exact(tmp_path, unbroken):
   config, full = unbroken
 
   victim_dir = tmp_path / "victim"
-  victim = _run(config, victim_dir)
+  victim = _run(config, victim_dir, own_cache=True)
   ckpts = victim_dir / "checkpoints"
   deadline = time.time() + 600
   while time.time() < deadline and victim.poll() is None:
@@ -77,7 +81,7 @@ def test_sigkill_and_restart_is_exact(tmp_path, unbroken):
   killed_at = len(_losses(victim_dir))
   assert killed_at < 72
 
-  again = _run(config, victim_dir)
+  again = _run(config, victim_dir, own_cache=True)
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out
   assert "resumed from step" in out

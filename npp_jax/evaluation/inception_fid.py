@@ -62,8 +62,8 @@ class FeatureExtractor:
     if batch < 1:
       raise ValueError(f"eval.batch_size={batch} must be >= 1 (images per Inception step).")
     self.mesh = mesh or sharding.make_mesh({"data": -1})
-    dp = sharding.data_parallel_size(self.mesh)
-    self.batch = batch + (-batch) % dp
+    self.dp = sharding.data_parallel_size(self.mesh)
+    self.batch = batch + (-batch) % self.dp
     self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
     self._fn = features_fn(preprocess, self.mesh)
     self._sharding = sharding.batch_sharding(self.mesh)
@@ -73,15 +73,18 @@ class FeatureExtractor:
     NpzImages read a batch at a time."""
     from tqdm import tqdm  # noqa: PLC0415
 
+    # A set smaller than one batch runs at its own size (rounded up to the devices): 8
+    # samples should not cost eval.batch_size Inception passes.
+    batch = min(self.batch, len(images) + (-len(images)) % self.dp)
     if isinstance(images, NpzImages):
-      batches = images.batches(self.batch)
+      batches = images.batches(batch)
     else:
-      batches = (images[i : i + self.batch] for i in range(0, len(images), self.batch))
+      batches = (images[i : i + batch] for i in range(0, len(images), batch))
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=jax.process_index() != 0)
     for chunk in batches:
       n = len(chunk)
-      if n < self.batch:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
+      if n < batch:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
       out = self._fn(self.variables, jax.device_put(jnp.asarray(chunk), self._sharding))
       if jax.process_count() > 1:  # every host gets the whole batch's features
         out = multihost_utils.process_allgather(out, tiled=True)

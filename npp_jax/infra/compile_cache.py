@@ -25,11 +25,14 @@ monitoring.register_event_listener(_count)
 
 
 def enable(setting: str, workdir: str) -> str | None:
-  """Points JAX's cache at `setting` ("" = WORKDIR/compile_cache, "off" = no cache, else
-  a directory, local or gs://); returns the directory used. Call before compiling."""
+  """Points JAX's cache at `setting` ("off" = no cache; a directory, local or gs://; ""
+  = the one JAX was given (JAX_COMPILATION_CACHE_DIR), else WORKDIR/compile_cache);
+  returns the directory used. Call before compiling."""
   if setting == OFF:
     return None
-  path = storage.absolute(setting or storage.join(workdir, "compile_cache"))
+  # A cache the user already gave JAX (one shared by every run on a cluster, say) is kept.
+  given = jax.config.jax_compilation_cache_dir
+  path = storage.absolute(setting or given or storage.join(workdir, "compile_cache"))
   jax.config.update("jax_compilation_cache_dir", path)
   # Cache what takes a moment to compile (the train, eval and sampling steps), not the
   # many tiny helper computations.
