@@ -373,6 +373,30 @@ def test_throughput_rates(monkeypatch):
   assert metric_writer.format_duration(float("nan")) == "?"
 
 
+def test_tensorboard_events_are_written_without_loading_pytorch(tmp_path):
+  """tensorboardX imports PyTorch when it can (seconds per training job): the metric writer
+  keeps it out, and PyTorch still imports afterwards for whoever needs it."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from .conftest import require_torch  # noqa: PLC0415
+
+  require_torch()  # only then is there a PyTorch to keep out
+  script = f"""
+import sys
+from npp_jax.infra import metric_writer
+w = metric_writer.MetricWriter({str(tmp_path)!r}, enabled=True)
+w.write(1, {{"loss": 1.5}})
+w.close()
+assert "torch" not in sys.modules, "tensorboardX loaded PyTorch"
+import torch
+print("ok", torch.__version__)
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+  assert [n for n in os.listdir(tmp_path / "tensorboard") if n.startswith("events.")]
+
+
 def test_eta_counts_the_expensive_stages_still_to_come():
   """Stages of 100 steps costing 1, 4 and 16 units per step: during the cheap first stage
   the ETA must count the later stages' FLOPs, not extrapolate the first stage's speed."""
