@@ -77,12 +77,13 @@ class Emulator:
       stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 30
-    while time.time() < deadline:
+    while time.time() < deadline and self.proc.poll() is None:
       try:
         socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
         return
       except OSError:
         time.sleep(0.2)
+    raise RuntimeError(f"the GCS emulator did not start (exit status {self.proc.poll()})")
 
   def stop(self) -> None:
     self.proc.kill()
@@ -237,7 +238,10 @@ def test_lost_storage_ends_the_job_in_bounded_time_and_the_rerun_resumes(
     emulator.start()
   took = time.time() - t0
   assert victim.returncode == 75, out[-3000:]
-  assert took < deadline + 30, took  # the deadline, the local save and the exit
+  # Bounded by the deadline: alone the job ended 10 s after storage went, once 40 s on a busy
+  # machine (an operation in flight may wait out its own deadline before the failing one,
+  # then come the local save and the exit). Without deadlines the clients retry for minutes.
+  assert took < 2 * deadline + 40, took
   # One error line, the last; no library's retry traceback above it.
   errors = [line for line in out.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0] == out.splitlines()[-1], out[-3000:]

@@ -6,6 +6,7 @@ import pytest
 from npp_jax.infra import compile_cache
 
 OPTIONS = (
+  "jax_enable_compilation_cache",
   "jax_compilation_cache_dir",
   "jax_persistent_cache_min_compile_time_secs",
   "jax_persistent_cache_min_entry_size_bytes",
@@ -35,4 +36,9 @@ def test_a_cache_given_to_jax_is_kept_else_the_workdirs(tmp_path, jax_cache_opti
   jax.config.update("jax_compilation_cache_dir", None)
   assert compile_cache.enable("", workdir) == f"{workdir}/compile_cache"
   assert jax.config.jax_compilation_cache_dir == f"{workdir}/compile_cache"
+  # "off" is off, whatever JAX was given.
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "shared"))
   assert compile_cache.enable("off", workdir) is None
+  assert not jax.config.jax_enable_compilation_cache
+  assert compile_cache.enable("", workdir) == str(tmp_path / "shared")
+  assert jax.config.jax_enable_compilation_cache

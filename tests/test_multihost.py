@@ -176,7 +176,7 @@ def _main_on_two_hosts(config, workdir, fail_at_read):
       "PYTHONPATH": root,
     }
     cmd = [sys.executable, PEER_WORKER, "1", str(fail_at_read), f"--config={config}"]
-    cmd += [f"--workdir={workdir}", "--config.compile_cache=off"]
+    cmd += [f"--workdir={workdir}"]
     procs.append(
       subprocess.Popen(
         cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -124,7 +124,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_the_rescued_state_resumes(tmp_
   wd = tmp_path / "wd"
   wd.mkdir()
   env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path / "home")}
-  main = f"{sys.executable} -m npp_jax.main --config={config} --config.compile_cache=off"
+  main = f"{sys.executable} -m npp_jax.main --config={config}"
   script = f"mount -t tmpfs -o size=200k tmpfs {wd} && exec {main} --workdir={wd}"
   out = subprocess.run(
     ["unshare", "-rm", "sh", "-c", script],
