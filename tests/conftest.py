@@ -7,14 +7,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, every xdist worker and subprocess: the
-# many tests that compile the same small programs load them instead. A job run through
-# `python -m npp_jax.main` still uses its own WORKDIR/compile_cache (config.compile_cache).
+# many tests that compile the same small programs load them instead. Jobs run through
+# `python -m npp_jax.main` keep it too (config.compile_cache="" uses a cache JAX was given);
+# tests of the workdir's own cache take the variable out of the job's environment.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/npp_jax_test_compile_cache_{os.getuid()}")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # One BLAS thread per process (before numpy loads OpenBLAS; subprocesses inherit it): two
 # test workers already share the two cores, and OpenBLAS threads that wait for a busy core
 # spin. A 2048 x 2048 sqrtm (every FID) took 15 CPU-s beside another one instead of 9, and
-# 75 s instead of 13 beside a worker's XLA threads.
+# an eval job with two of them 75 CPU-s beside a worker's XLA threads (13 s alone).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import importlib  # noqa: E402

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from http import HTTPStatus
 
-from gcp_storage_emulator import storage
+from gcp_storage_emulator import storage as emulator_storage
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -44,7 +44,7 @@ def download(request, response, storage, *args, **kwargs):
 
 objects.download = download
 
-_write_bytes = storage._FileStore.write_bytes
+_write_bytes = emulator_storage._FileStore.write_bytes
 
 
 def write_bytes(self, rel, content):
@@ -60,7 +60,7 @@ def write_bytes(self, rel, content):
   return None
 
 
-storage._FileStore.write_bytes = write_bytes
+emulator_storage._FileStore.write_bytes = write_bytes
 
 if __name__ == "__main__":
   from gcp_storage_emulator.__main__ import main  # noqa: E402 (after the patch)

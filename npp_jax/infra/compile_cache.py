@@ -32,7 +32,6 @@ def enable(setting: str, workdir: str) -> str | None:
     # Off even when JAX was given a cache (JAX_COMPILATION_CACHE_DIR).
     jax.config.update("jax_enable_compilation_cache", False)
     return None
-  jax.config.update("jax_enable_compilation_cache", True)
   # A cache the user already gave JAX (one shared by every run on a cluster, say) is kept.
   given = jax.config.jax_compilation_cache_dir
   path = storage.absolute(setting or given or storage.join(workdir, "compile_cache"))
