@@ -8,7 +8,9 @@ import os
 import sys
 
 DEVICES = os.environ.get("NPP_TEST_LOCAL_DEVICES", "2")
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES} " + os.environ.get(
+  "NPP_TEST_XLA_FLAGS", ""
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -22,7 +24,10 @@ if __name__ == "__main__":
     )
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from npp_jax.jobs import sample, train  # noqa: E402
+  from tests import cache_on_every_host  # noqa: E402
   from tests.helpers import tiny_config  # noqa: E402
+
+  cache_on_every_host.install()
 
   c = tiny_config(data, **{"train.max_steps": int(max_steps), "train.ckpt_every_steps": 4})
   if mode == "train_long":  # long enough to be preempted: 12 epochs, stage checkpoints only

@@ -11,7 +11,9 @@ other host goes on into the next step's collectives.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + os.environ.get(
+  "NPP_TEST_XLA_FLAGS", ""
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -22,8 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from npp_jax import main  # noqa: E402
 from npp_jax.infra import storage  # noqa: E402
 from npp_jax.jobs import train  # noqa: E402
+from tests import cache_on_every_host  # noqa: E402
 
 if __name__ == "__main__":
+  cache_on_every_host.install()
   fail_host, fail_at = int(sys.argv[1]), int(sys.argv[2])
   if int(os.environ["JAX_PROCESS_ID"]) == fail_host:
     read = train.Trainer.next_batch

@@ -133,7 +133,9 @@ def _compiled_train_step(cfg: GPTConfig) -> str:
     root_key=jax.random.key(1),
     patch_side=1,
   )
-  return jax.jit(step).lower(state, batch).compile().as_text()
+  # XLA's default CPU options, whatever XLA_FLAGS the test-suite compiles with (conftest.py).
+  defaults = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
+  return jax.jit(step).lower(state, batch).compile(compiler_options=defaults).as_text()
 
 
 def test_rmsnorm_and_rope_run_inside_fusions():

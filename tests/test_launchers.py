@@ -35,7 +35,9 @@ def run_on_two_hosts(command, log_name):
   for rank in range(2):
     env = dict(os.environ, SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost",
                SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID="0",
-               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               + os.environ.get("NPP_TEST_XLA_FLAGS", ""))
     out = open(os.path.join(os.environ["FAKE_LOG_DIR"], f"{log_name}-{rank}.log"), "w")
     procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
   codes = [p.wait() for p in procs]
