@@ -41,8 +41,17 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-  """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) (pytorch-fid / ADM, float64)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) (pytorch-fid / ADM, float64).
+
+  tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2, which are
+  those of the symmetric S1^1/2 S2 S1^1/2 (both covariances are positive semi-definite):
+  two symmetric eigendecompositions instead of ADM's `scipy.linalg.sqrtm` of the product
+  (a Schur decomposition), 3.5x faster at 2048 dimensions (2 s against 7 s on one core),
+  with the evaluator's FID to 4e-13 relative where the covariances have full rank. Where
+  they do not (fewer images than dimensions) `sqrtm` is ill-conditioned and the two differ
+  by about 1e-6 relative; the rounding's negative eigenvalues count as 0 here.
+  """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1, s2 = (
     np.atleast_2d(np.asarray(sigma1, np.float64)),
@@ -54,15 +63,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
       f"vs {s2.shape} (features of different sizes?)."
     )
   diff = mu1 - mu2
-  covmean = linalg.sqrtm(s1.dot(s2))
-  if not np.isfinite(covmean).all():
-    offset = np.eye(s1.shape[0]) * eps
-    covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"sqrtm has a large imaginary component {np.max(np.abs(covmean.imag))}.")
-    covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+  w, v = linalg.eigh(s1)
+  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2
+  inner = root @ s2 @ root
+  eigenvalues = linalg.eigvalsh((inner + inner.T) / 2, overwrite_a=True)
+  tr_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+  return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
