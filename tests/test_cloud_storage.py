@@ -25,9 +25,10 @@ from .helpers import shared_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "npp-test"
-# The MNIST config, made small: 3 epochs of 70 steps (stages end at 70, 140, 210), cut
-# at step 160, 20 steps into the token stage.
+# The MNIST config, made small: digits as 8x8 tokens, 3 epochs of 70 steps (stages end at
+# 70, 140, 210), cut at step 160, 20 steps into the token stage.
 OVERRIDES = [
+  "--config.model.grid=8",
   "--config.model.dim=32",
   "--config.model.n_layer=1",
   "--config.model.n_head=2",
@@ -184,7 +185,7 @@ def test_train_kill_resume_sample_eval_in_a_bucket(emulator, tmp_path, unbroken_
   result = json.loads(storage.read_text(f"{run}/eval.json"))
   assert 0 <= result["class_accuracy"] <= 1 and result["samples"].startswith(f"{run}/samples/")
   npz = storage.load_npz(result["samples"])
-  assert npz["arr_0"].shape == (48, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+  assert npz["arr_0"].shape == (48, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
 
   top = set(storage.listdir(run))
   assert {"checkpoints", "metrics.jsonl", "tensorboard", "data", "compile_cache"} <= top
