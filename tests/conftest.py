@@ -24,8 +24,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/npp_jax_test_compile_c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # One BLAS thread per process (before numpy loads OpenBLAS; subprocesses inherit it): two
 # test workers already share the two cores, and OpenBLAS threads that wait for a busy core
-# spin. A 2048 x 2048 sqrtm (every FID) took 15 CPU-s beside another one instead of 9, and
-# an eval job with two of them 75 CPU-s beside a worker's XLA threads (13 s alone).
+# spin: an eval job with two 2048 x 2048 scipy.linalg.sqrtm (FID's, before it used
+# eigenvalues) took 75 CPU-s beside a worker's XLA threads, 13 s alone.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import importlib  # noqa: E402
